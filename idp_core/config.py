@@ -1,0 +1,125 @@
+"""Frozen, validated configuration records for the engine (JSON-able; no env reads here)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+# Selection modes a request may ask for, besides naming one prompt of the bank.
+AUTO = "auto"
+NONE = "none"
+CONCAT = "concat"
+RESERVED_SELECTIONS = (AUTO, NONE, CONCAT)
+
+ScoreMode = Literal["mean", "sum"]
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """How IDP scores prompts in the first-layer attention pass.
+
+    Attributes:
+        score: "mean" scores prompt i by the mean attention per prompt token that the input
+            tokens pay to it (the paper's rule); "sum" uses the total attention mass instead.
+        query_chunk: input tokens processed per chunk, bounding the [B, H, chunk, T] buffer.
+    """
+
+    score: ScoreMode = "mean"
+    query_chunk: int = 256
+
+    def __post_init__(self) -> None:
+        if self.score not in ("mean", "sum"):
+            raise ValueError(f"SelectConfig.score must be 'mean' or 'sum', got {self.score!r}")
+        if self.query_chunk < 1:
+            raise ValueError(f"SelectConfig.query_chunk must be >= 1, got {self.query_chunk}")
+
+
+@dataclass(frozen=True)
+class GenConfig:
+    """Per-request decoding settings.
+
+    Attributes:
+        max_tokens: new tokens to generate (0 only scores the input, for echo + logprobs).
+        temperature: 0 means greedy.
+        top_p: nucleus mass kept, in (0, 1].
+        top_k: 0 disables top-k.
+        seed: makes sampling reproducible per request.
+        stop: strings that end generation; the returned text stops before them.
+        logprobs: number of top alternatives to return per token (None: no logprobs).
+        echo: also return the input tokens with their log-probabilities.
+        ignore_eos: keep generating past the end-of-sequence token.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    echo: bool = False
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 0:
+            raise ValueError(f"GenConfig.max_tokens must be >= 0, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"GenConfig.temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"GenConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"GenConfig.top_k must be >= 0, got {self.top_k}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"GenConfig.logprobs must be in [0, 20], got {self.logprobs}")
+        if any(not s for s in self.stop):
+            raise ValueError("GenConfig.stop must not contain empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Prompt-tuning / LoRA training settings (defaults follow Hoang et al.).
+
+    Attributes:
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        total_tokens: training budget in input tokens, per prompt (or for the adapter).
+        seq_len: tokens per training sequence (excluding the prompt).
+        batch_size: sequences per optimiser step.
+        prompt_lengths: one entry per prompt of the bank.
+        lora_rank: rank of the LoRA baseline.
+        clusters: train prompt i on cluster i of the data (k-means over mean embeddings).
+        seed: seeds data order and initialisation.
+    """
+
+    lr: float = 2e-4
+    weight_decay: float = 1e-5
+    total_tokens: int = 200_000
+    seq_len: int = 256
+    batch_size: int = 8
+    prompt_lengths: tuple[int, ...] = (26, 100)
+    lora_rank: int = 4
+    clusters: bool = False
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.total_tokens < self.seq_len * self.batch_size:
+            raise ValueError(
+                f"TrainConfig.total_tokens ({self.total_tokens}) must cover at least one step "
+                f"of batch_size * seq_len = {self.batch_size * self.seq_len} tokens"
+            )
+        if not self.prompt_lengths or any(n < 1 for n in self.prompt_lengths):
+            raise ValueError(
+                f"TrainConfig.prompt_lengths must be positive, got {self.prompt_lengths}"
+            )
+        if self.lora_rank < 1:
+            raise ValueError(f"TrainConfig.lora_rank must be >= 1, got {self.lora_rank}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

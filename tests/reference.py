@@ -1,0 +1,82 @@
+"""Slow, obvious reference computations the engine is checked against."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from idp_core.bank import PromptBank
+from idp_core.model import LoadedModel
+
+
+@torch.no_grad()
+def generate_alone(
+    lm: LoadedModel, prefix: Tensor | None, ids: list[int], max_tokens: int
+) -> tuple[list[int], list[Tensor]]:
+    """Greedy decoding with no cache: re-run model(inputs_embeds=[P; embed(X + out)]) each step.
+
+    Returns (new tokens, log-softmax row [V] for each of them).
+    """
+    emb = lm.model.get_input_embeddings()
+    out: list[int] = []
+    logps: list[Tensor] = []
+    eos = lm.tokenizer.eos_token_id
+    for _ in range(max_tokens):
+        x = emb(torch.tensor(ids + out))
+        if prefix is not None:
+            x = torch.cat([prefix.to(x.dtype), x])
+        logits = lm.model(inputs_embeds=x[None]).logits[0, -1].float()
+        logps.append(torch.log_softmax(logits, -1))
+        out.append(int(logits.argmax()))
+        if out[-1] == eos:
+            break
+    return out, logps
+
+
+@torch.no_grad()
+def prompt_logprobs_alone(lm: LoadedModel, prefix: Tensor | None, ids: list[int]) -> Tensor:
+    """[T-1] log p(x_t | P, x_<t) for t >= 1, without any cache."""
+    x = lm.model.get_input_embeddings()(torch.tensor(ids))
+    n = 0 if prefix is None else prefix.shape[0]
+    if prefix is not None:
+        x = torch.cat([prefix.to(x.dtype), x])
+    logp = torch.log_softmax(lm.model(inputs_embeds=x[None]).logits[0].float(), -1)
+    return logp[n : n + len(ids) - 1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+@torch.no_grad()
+def select_reference(lm: LoadedModel, bank: PromptBank, ids: list[int], score: str) -> Tensor:
+    """IDP scores from the full layer-0 attention matrix over [P_1; ...; P_m; X] (one row).
+
+    Prompts keep positions 0..n_i-1 and attend only within themselves; X sits at positions
+    n_max.. and attends to every prompt token and causally to itself. Needs an eager-attention
+    model so the attention weights are returned.
+    """
+    model = lm.model
+    base = model.base_model
+    layer = base.layers[0]
+    x = base.embed_tokens(torch.tensor(ids))
+    hidden = torch.cat([*bank.prompts, x])[None]  # [1, N+T, d]
+    lengths = bank.lengths
+    n, t = sum(lengths), len(ids)
+    positions = [p for L in lengths for p in range(L)] + list(range(max(lengths), max(lengths) + t))
+    allowed = torch.zeros(n + t, n + t, dtype=torch.bool)
+    start = 0
+    for L in lengths:
+        allowed[start : start + L, start : start + L] = torch.ones(L, L).tril().bool()
+        start += L
+    allowed[n:, :n] = True
+    allowed[n:, n:] = torch.ones(t, t).tril().bool()
+    mask = torch.zeros(n + t, n + t).masked_fill(~allowed, float("-inf"))[None, None]
+    pos = torch.tensor(positions)[None]
+    h = layer.input_layernorm(hidden)
+    _, weights = layer.self_attn(
+        h, position_embeddings=base.rotary_emb(h, pos), attention_mask=mask
+    )  # weights [1, H, N+T, N+T]
+    to_prompts = weights[0, :, n:, :n].mean(0)  # [T, N], mean over heads
+    scores, start = [], 0
+    for L in lengths:
+        block = to_prompts[:, start : start + L].sum(-1)
+        scores.append((block / L if score == "mean" else block).mean())
+        start += L
+    return torch.stack(scores)
