@@ -118,6 +118,7 @@ def load_model(
     *,
     dtype: str = "bfloat16",
     device: str = "cpu",
+    attn_implementation: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM once, in eval mode, with gradients off.
 
@@ -126,6 +127,7 @@ def load_model(
             file, or None for the embedded default (SmolLM2-135M-Instruct GGUF).
         dtype: "float32", "bfloat16" or "float16".
         device: "cpu", "cuda[:i]" or "auto".
+        attn_implementation: e.g. "sdpa" (transformers' default) or "eager".
 
     Returns:
         The loaded model. On CPU, compressed-tensors checkpoints are dequantized once at load
@@ -139,6 +141,8 @@ def load_model(
         raise FileNotFoundError(f"model not found: {path}")
 
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     dequantized = False
     if path.is_file():
         if path.suffix != ".gguf":
