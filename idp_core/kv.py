@@ -63,7 +63,9 @@ class PromptKVStore:
         try:
             return self.prompts[self.names.index(selection)]
         except ValueError:
-            raise KeyError(f"unknown prompt {selection!r}; the bank has {list(self.names)}") from None
+            raise KeyError(
+                f"unknown prompt {selection!r}; the bank has {list(self.names)}"
+            ) from None
 
 
 @torch.inference_mode()

@@ -1,4 +1,4 @@
-"""Load a (compressed) causal LM and its tokenizer once: HF folder, compressed-tensors, GPTQ or GGUF."""
+"""Load a (compressed) causal LM and tokenizer once: HF, compressed-tensors, GPTQ or GGUF."""
 
 from __future__ import annotations
 

@@ -45,7 +45,8 @@ def test_manifest_shape_mismatch(tmp_path, tiny_bank):
     manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
     manifest["lengths"][0] = 4
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
-    with pytest.raises(BankError, match=r"prompt 'p0' has shape \[3, 64\], manifest says \[4, 64\]"):
+    msg = r"prompt 'p0' has shape \[3, 64\], manifest says \[4, 64\]"
+    with pytest.raises(BankError, match=msg):
         PromptBank.load(tmp_path)
 
 

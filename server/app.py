@@ -1,0 +1,179 @@
+"""build_app(): the FastAPI app; its lifespan loads model, bank and prompt KV off the event loop."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from idp_core.bank import PromptBank
+from idp_core.config import GenConfig, SelectConfig
+from idp_core.generate import Engine, GenRequest
+from idp_core.kv import precompute_prompt_kv
+from idp_core.model import LoadedModel, load_model
+from server.engine import AsyncEngine
+from server.errors import error_body, install_handlers
+from server.metrics import Metrics
+from server.routes import router
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServingState:
+    """Everything the handlers need once warm-up is done."""
+
+    lm: LoadedModel
+    engine: Engine
+    aengine: AsyncEngine
+    bank: PromptBank | None
+    model_name: str
+    mode: str  # idp | lora | none
+    started: int
+
+
+def resolve_sources(settings: Settings) -> tuple[str | None, str | None]:
+    """(model source, bank folder) after defaults; fails fast on paths that do not exist."""
+    model: str | None = settings.model or None
+    if model is not None and not Path(model).exists():
+        raise FileNotFoundError(f"model not found: {model}")
+    if settings.lora:
+        if not Path(settings.lora, "adapter_config.json").is_file():
+            raise FileNotFoundError(f"LoRA adapter not found (no adapter_config.json): "
+                                    f"{settings.lora}")
+        return model, None
+    if settings.bank == "none":
+        return model, None
+    if settings.bank:
+        return model, settings.bank
+    from idp_core.artefacts import DEFAULT_BANK
+
+    return model, str(DEFAULT_BANK) if model is None else None
+
+
+def load_state(settings: Settings, metrics_registry: Any = None) -> ServingState:
+    """Load the model once, pin the prompt KV, warm up, and start the engine thread."""
+    model_source, bank_dir = resolve_sources(settings)
+    bank = PromptBank.load(bank_dir) if bank_dir else None  # fast: fail before the model
+    if model_source is None:
+        from idp_core.artefacts import ensure_default_model
+
+        model_source = str(ensure_default_model(settings.cache_dir or None))
+    lm = load_model(model_source, dtype=settings.dtype, device=settings.device)
+    store = None
+    if settings.lora:
+        from peft import PeftModel
+
+        lm.model = PeftModel.from_pretrained(lm.model, settings.lora).eval()  # unmerged
+        mode = "lora"
+    elif bank is not None:
+        bank.check_model(lm.fingerprint, strict=settings.strict_fingerprint, origin=bank_dir or "")
+        t0 = time.perf_counter()
+        store = precompute_prompt_kv(lm.model, bank)
+        log.info("pinned KV of %d prompts (%s tokens, %.1f MB) in %.2f s", len(bank.names),
+                 bank.lengths, store.num_bytes() / 1e6, time.perf_counter() - t0)
+        mode = "idp"
+    else:
+        mode = "none"
+    engine = Engine(lm, store, select_config=SelectConfig(score=settings.selection_score),
+                    method_without_bank="lora" if settings.lora else "none")
+    engine.generate([GenRequest([lm.tokenizer.eos_token_id or 0], GenConfig(max_tokens=2))])
+    name = settings.served_model_name or lm.name
+    metrics = Metrics(name, mode, metrics_registry)
+    aengine = AsyncEngine(engine, metrics, max_batch_size=settings.max_batch_size,
+                          max_batch_tokens=settings.max_batch_tokens,
+                          max_queue=settings.max_queue)
+    aengine.start()
+    return ServingState(lm, engine, aengine, bank, name, mode, int(time.time()))
+
+
+def build_app(settings: Settings) -> FastAPI:
+    """The app; /health answers 503 until the background warm-up has finished."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        def warm_up() -> None:
+            try:
+                state = load_state(settings)
+            except Exception as e:  # one clear line, then a non-zero exit
+                log.error("cannot start: %s: %s", type(e).__name__, e)
+                logging.shutdown()
+                os._exit(1)
+            app.state.metrics = state.aengine.metrics
+            app.state.serving = state
+            log.info("ready: %s (%s) on %s", state.model_name, state.mode, state.lm.device)
+
+        app.state.serving = None
+        app.state.metrics = None
+        threading.Thread(target=warm_up, name="idp-warmup", daemon=True).start()
+        yield
+        if app.state.serving is not None:
+            app.state.serving.aengine.stop()
+
+    app = FastAPI(title="IDP inference server", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    install_handlers(app)
+    app.include_router(router)
+    app.add_middleware(GuardMiddleware, settings=settings)  # type: ignore[arg-type]
+    return app
+
+
+class GuardMiddleware:
+    """Request ids, optional API key (constant-time), and the request body limit."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.key = settings.api_key.encode()
+        self.metrics_open = not settings.metrics_require_key
+        self.max_body = settings.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode().lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        path = scope["path"]
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"],
+                                      (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        if self.key and path != "/health" and not (path == "/metrics" and self.metrics_open):
+            given = headers.get("authorization", "")
+            token = given[7:].encode() if given.lower().startswith("bearer ") else b""
+            if not hmac.compare_digest(token, self.key):
+                await _reject(send_with_id, 401, "missing or invalid API key",
+                              "authentication_error", "invalid_api_key")
+                return
+        length = headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > self.max_body:
+            await _reject(send_with_id, 413, f"request body over {self.max_body} bytes",
+                          "invalid_request_error", "request_too_large")
+            return
+        scope.setdefault("state", {})["request_id"] = request_id
+        await self.app(scope, receive, send_with_id)
+
+
+async def _reject(send: Send, status: int, message: str, type_: str, code: str) -> None:
+    body = json.dumps(error_body(status, message, type_, None, code)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,228 @@
+"""Continuous batching: one worker thread admits, steps and retires; asyncio handlers await it.
+
+Each loop iteration admits waiting requests while the batch has room (selection pass + prefill
+on their prompt's KV, merged into the running batch), runs one decode step for every running
+row, and retires finished or cancelled rows. New requests therefore start between decode steps
+of the running ones instead of waiting for the batch to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from idp_core.generate import Batch, Engine, GenRequest, GenResult, Sequence, TokenLogprob
+from server.errors import EngineStepError, QueueFull, ServerDraining
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Update:
+    """What a handler receives: new text/tokens while running, then the result or an error."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    result: GenResult | None = None
+    error: Exception | None = None
+
+
+@dataclass
+class _Work:
+    request: GenRequest
+    loop: asyncio.AbstractEventLoop
+    updates: asyncio.Queue[Update]
+    stream: bool
+    arrival: float = field(default_factory=time.perf_counter)
+    admitted: float = 0.0
+    cancelled: bool = False
+    sent_tokens: int = 0
+    sent_chars: int = 0
+
+    def push(self, update: Update) -> None:
+        self.loop.call_soon_threadsafe(self.updates.put_nowait, update)
+
+    @property
+    def num_tokens(self) -> int:  # positions this request may occupy, prefix excluded
+        return len(self.request.input_ids) + self.request.config.max_tokens
+
+
+class AsyncEngine:
+    """Owns the model thread; `generate` is the only entry point for request handlers."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: Metrics,
+        *,
+        max_batch_size: int,
+        max_batch_tokens: int,
+        max_queue: int,
+    ) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_queue = max_queue
+        self._waiting: collections.deque[_Work] = collections.deque()
+        self._running: dict[str, _Work] = {}
+        self._cond = threading.Condition()
+        self._stop = False
+        self.draining = False
+        self.selection_counts: collections.Counter[str] = collections.Counter()
+        self._thread = threading.Thread(target=self._loop, name="idp-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout_s)
+
+    @property
+    def num_in_flight(self) -> int:
+        with self._cond:
+            return len(self._waiting) + len(self._running)
+
+    async def generate(self, request: GenRequest, *, stream: bool) -> AsyncIterator[Update]:
+        """Queue a validated request and yield its updates; cancelling the iteration (client
+        gone) frees its batch slot at the next step."""
+        if self.draining:
+            raise ServerDraining("the server is shutting down")
+        work = _Work(request, asyncio.get_running_loop(), asyncio.Queue(), stream)
+        with self._cond:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the wait queue is full ({self.max_queue} requests)")
+            self._waiting.append(work)
+            self._cond.notify()
+        try:
+            while True:
+                update = await work.updates.get()
+                yield update
+                if update.result is not None or update.error is not None:
+                    return
+        finally:
+            work.cancelled = True  # no-op once finished; frees the slot if the client left
+
+    # ---- worker thread --------------------------------------------------------------------
+    def _loop(self) -> None:
+        batch: Batch | None = None
+        while True:
+            with self._cond:
+                while not self._stop and not self._waiting and batch is None:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                admitted = self._take_admissible(batch)
+            if admitted:
+                batch = self._admit(batch, admitted)
+            if batch is not None:
+                batch = self._step(batch)
+            with self._cond:
+                self.metrics.record_queue(len(self._running), len(self._waiting))
+
+    def _take_admissible(self, batch: Batch | None) -> list[_Work]:
+        """Pop waiting requests that fit the batch limits (called with the lock held)."""
+        rows = 0 if batch is None else len(batch.seqs)
+        tokens = sum(w.num_tokens for w in self._running.values())
+        taken: list[_Work] = []
+        while self._waiting and rows + len(taken) < self.max_batch_size:
+            work = self._waiting[0]
+            if work.cancelled:
+                self._waiting.popleft()
+                continue
+            if taken and tokens + work.num_tokens > self.max_batch_tokens:
+                break
+            if not taken and rows and tokens + work.num_tokens > self.max_batch_tokens:
+                break
+            tokens += work.num_tokens
+            taken.append(self._waiting.popleft())
+        return taken
+
+    def _admit(self, batch: Batch | None, works: list[_Work]) -> Batch | None:
+        now = time.perf_counter()
+        for w in works:
+            w.admitted = now
+            self._running[w.request.request_id] = w
+        try:
+            new = self.engine.start([w.request for w in works])
+        except Exception as e:  # only the newcomers fail; the running batch goes on
+            log.exception("prefill failed for requests %s", [w.request.request_id for w in works])
+            self._fail(works, e)
+            return batch
+        self._publish(new)
+        return new if batch is None else self.engine.merge(batch, new)
+
+    def _step(self, batch: Batch) -> Batch | None:
+        for s in batch.seqs:
+            if self._running[s.request.request_id].cancelled and s.finish_reason is None:
+                s.finish_reason = "abort"
+        batch, done = self.engine.retire(batch)
+        self._finish(done)
+        if batch is None:
+            return None
+        self.metrics.record_step(len(batch.seqs), len(self._running), len(self._waiting))
+        try:
+            self.engine.step(batch)
+        except Exception as e:  # only this step's requests fail; the server keeps serving
+            works = [self._running[s.request.request_id] for s in batch.seqs]
+            log.exception("decode step failed for requests %s",
+                          [w.request.request_id for w in works])
+            self._fail(works, e)
+            return None
+        self._publish(batch)
+        batch, done = self.engine.retire(batch)
+        self._finish(done)
+        return batch
+
+    def _publish(self, batch: Batch) -> None:
+        """Send streaming clients their new tokens and text."""
+        for s in batch.seqs:
+            work = self._running[s.request.request_id]
+            if not work.stream or s.finish_reason is not None:
+                continue  # finished rows get everything with their result
+            self._push_delta(work, s, final=False)
+
+    def _push_delta(self, work: _Work, s: Sequence, *, final: bool) -> None:
+        text = self.engine.text(s)
+        if not final:
+            # hold back an incomplete UTF-8 character and a possible stop-string prefix
+            hold = max((len(x) - 1 for x in s.config.stop), default=0)
+            text = text.rstrip("\ufffd")[: max(len(text) - hold, work.sent_chars)]
+        new_ids = s.output_ids[work.sent_tokens :]
+        new_lps = s.output_logprobs[work.sent_tokens :] if s.config.logprobs is not None else []
+        if not new_ids and len(text) <= work.sent_chars and not final:
+            return
+        delta = text[work.sent_chars :]
+        work.sent_tokens, work.sent_chars = len(s.output_ids), max(len(text), work.sent_chars)
+        work.push(Update(text=delta, token_ids=new_ids, logprobs=new_lps))
+
+    def _finish(self, done: list[Sequence]) -> None:
+        now = time.perf_counter()
+        for s in done:
+            work = self._running.pop(s.request.request_id)
+            result = self.engine.result(s)
+            if s.finish_reason == "abort":
+                self.metrics.record_error("client_disconnected", result.method)
+                continue
+            self.selection_counts[result.prefix] += 1
+            self.metrics.record_finished(result, arrival=work.arrival, admitted=work.admitted,
+                                         finished=now)
+            if work.stream:
+                self._push_delta(work, s, final=True)
+            work.push(Update(result=result))
+
+    def _fail(self, works: list[_Work], error: Exception) -> None:
+        for w in works:
+            self._running.pop(w.request.request_id, None)
+            self.metrics.record_error("engine_error")
+            w.push(Update(error=EngineStepError(w.request.request_id, error)))

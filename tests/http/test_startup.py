@@ -1,0 +1,59 @@
+"""Start-up failures, API keys and SIGTERM draining, each on its own server process."""
+
+import threading
+import time
+
+import httpx
+from servers import RemoteServer
+
+
+def test_missing_model_refuses_to_start(tmp_path):
+    srv = RemoteServer("--model", str(tmp_path / "nope"), wait_ready=False)
+    assert srv.proc.wait(60) != 0
+    assert "cannot start: model not found" in srv.output()
+
+
+def test_corrupt_bank_refuses_to_start(tmp_path, artefacts):
+    import shutil
+    bank = tmp_path / "bank"
+    shutil.copytree(artefacts["bank"], bank)
+    (bank / "bank.safetensors").write_bytes(b"\x00" * 10)
+    srv = RemoteServer("--model", str(artefacts["model"]), "--bank", str(bank), wait_ready=False)
+    assert srv.proc.wait(120) != 0
+    out = srv.output()
+    assert "cannot start" in out and "bank.safetensors: corrupt or truncated" in out
+
+
+def test_api_key_required_except_health(artefacts):
+    srv = RemoteServer("--model", str(artefacts["model"]), "--bank", "none",
+                       "--api-key", "s3cret")
+    try:
+        assert httpx.get(srv.url + "/health").status_code == 200
+        for method, path in [("GET", "/v1/models"), ("POST", "/v1/completions"),
+                             ("GET", "/v1/prompts"), ("POST", "/tokenize")]:
+            r = httpx.request(method, srv.url + path, json={"prompt": "a"})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(srv.url + "/metrics").status_code == 200  # open unless configured
+        ok = httpx.post(srv.url + "/v1/completions", json={"prompt": "a", "max_tokens": 1},
+                        headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_sigterm_drains_in_flight_requests(artefacts):
+    srv = RemoteServer("--model", str(artefacts["model"]), "--bank", str(artefacts["bank"]))
+    result = {}
+
+    def long_request():
+        result["r"] = httpx.post(srv.url + "/v1/completions", timeout=60, json={
+            "prompt": "abc", "max_tokens": 200, "ignore_eos": True})
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    time.sleep(0.5)
+    code = srv.stop()
+    t.join()
+    assert code == 0
+    assert result["r"].status_code == 200
+    assert result["r"].json()["usage"]["completion_tokens"] == 200

@@ -1,0 +1,89 @@
+"""Real server processes on free loopback ports, for HTTP and deployment tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from tiny import random_bank, tiny_llama
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_tiny_artefacts(folder: Path) -> dict[str, Path]:
+    """A tiny random Llama checkpoint (with chat template), a 3-prompt bank and a LoRA adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    lm = tiny_llama(seed=0)
+    lm.tokenizer.chat_template = CHAT_TEMPLATE
+    model_dir, bank_dir, lora_dir = folder / "model", folder / "bank", folder / "lora"
+    lm.model.save_pretrained(model_dir)
+    lm.tokenizer.save_pretrained(model_dir)
+    random_bank(lm).save(bank_dir)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(lm.model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights=False))
+    peft_model.save_pretrained(lora_dir)
+    return {"model": model_dir, "bank": bank_dir, "lora": lora_dir}
+
+
+class RemoteServer:
+    """`python -m server` in a subprocess; waits for /health, stops with SIGTERM."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None,
+                 wait_ready: bool = True, timeout_s: float = 120.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "server", "--port", str(self.port), "--dtype", "float32",
+               *args]
+        self.proc = subprocess.Popen(
+            cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parents[1],
+        )
+        if wait_ready:
+            self.wait_ready(timeout_s)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n"
+                                   f"{self.proc.stdout.read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"server not healthy within {timeout_s} s")
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return int(self.proc.returncode)
+
+    def output(self) -> str:
+        self.stop()
+        return self.proc.stdout.read()
