@@ -71,7 +71,7 @@ def load_state(settings: Settings, metrics_registry: Any = None) -> ServingState
     if model_source is None:
         from idp_core.artefacts import ensure_default_model
 
-        model_source = str(ensure_default_model(settings.cache_dir or None))
+        model_source = str(ensure_default_model())
     lm = load_model(model_source, dtype=settings.dtype, device=settings.device)
     store = None
     if settings.lora:

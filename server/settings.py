@@ -33,4 +33,3 @@ class Settings(BaseSettings):
     api_key: str = Field("", description="require 'Authorization: Bearer <key>' when set")
     metrics_require_key: bool = False
     log_prompts: bool = Field(False, description="log prompt text (off: only lengths)")
-    cache_dir: str = Field("", description="where the default model is built; empty: .cache/")

@@ -1,0 +1,73 @@
+"""lm-evaluation-harness's `local-completions` model against the real server: its per-item
+log-likelihoods equal the engine's in-process scores for the same items."""
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from idp_core.bank import PromptBank
+from idp_core.config import GenConfig
+from idp_core.generate import Engine, GenRequest
+from idp_core.kv import precompute_prompt_kv
+from idp_core.model import load_model
+
+ITEMS = [
+    {"query": "What is the sky?", "choices": ["blue", "green", "a cat"], "gold": 0},
+    {"query": "2 + 2 =", "choices": ["4", "five"], "gold": 0},
+    {"query": "Water boils at", "choices": ["100 C", "zero", "night", "ten"], "gold": 0},
+]
+
+
+def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's rule: trailing spaces of the context move to the continuation."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole = tok(context + continuation, add_special_tokens=False).input_ids
+    ctx = tok(context, add_special_tokens=False).input_ids
+    return ctx, whole[len(ctx):]
+
+
+def test_local_completions_matches_engine(server, artefacts, tmp_path, monkeypatch):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in ITEMS))
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir()
+    yaml = (Path(__file__).parent / "lmeval_task" / "idp_mc.yaml").read_text()
+    (task_dir / "idp_mc.yaml").write_text(yaml.replace("PLACEHOLDER", str(data)))
+
+    out = simple_evaluate(
+        model="local-completions",
+        model_args=f"base_url={server.url}/v1/completions,model=tiny,tokenizer_backend=remote,"
+                   "tokenized_requests=True,max_length=512,num_concurrent=1,max_retries=1",
+        tasks=["idp_mc"],
+        task_manager=TaskManager(include_path=str(task_dir)),
+        log_samples=True,
+        batch_size=4,
+    )
+    samples = out["samples"]["idp_mc"]
+
+    lm = load_model(artefacts["model"], dtype="float32")
+    engine = Engine(lm, precompute_prompt_kv(lm.model, PromptBank.load(artefacts["bank"])))
+    checked = 0
+    for sample in samples:
+        for (context, continuation), resp in zip(sample["arguments"], sample["resps"],
+                                                 strict=True):
+            ctx, cont = encode_pair(lm.tokenizer, context, continuation)
+            res = engine.generate([GenRequest(ctx + cont, GenConfig(
+                max_tokens=0, echo=True, logprobs=1))])[0]
+            want = sum(e.logprob for e in res.prompt_logprobs[len(ctx):])
+            got = resp[0][0]
+            assert math.isclose(got, want, abs_tol=1e-4), (context, continuation, got, want)
+            greedy = all(e.logprob == e.top[0][1] for e in res.prompt_logprobs[len(ctx):])
+            assert resp[0][1] == greedy
+            checked += 1
+    assert checked == sum(len(x["choices"]) for x in ITEMS)
+    assert torch.isfinite(torch.tensor(out["results"]["idp_mc"]["acc,none"]))
