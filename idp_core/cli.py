@@ -10,6 +10,11 @@ import sys
 # subcommand -> (module, one-line help). Modules import heavy libraries only when run.
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("server.__main__", "serve the OpenAI-compatible HTTP API"),
+    "compress": ("idp_core.compress", "GPTQ / SparseGPT compression with llm-compressor"),
+    "train-prompts": ("idp_core.train", "train a bank of soft prompts on a compressed model"),
+    "train-lora": ("idp_core.train", "train the LoRA baseline adapter on a compressed model"),
+    "evaluate": ("idp_core.evaluate", "WikiText-2 perplexity through the serving engine"),
+    "build-default": ("idp_core.artefacts", "rebuild the default compressed model into .cache/"),
 }
 
 
