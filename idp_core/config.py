@@ -91,8 +91,11 @@ class TrainConfig:
         batch_size: sequences per optimiser step.
         prompt_lengths: one entry per prompt of the bank.
         lora_rank: rank of the LoRA baseline.
+        lora_alpha: LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank).
         clusters: train prompt i on cluster i of the data (k-means over mean embeddings).
         seed: seeds data order and initialisation.
+        dtype: dtype of the frozen model while training ("bfloat16" or "float32"); the
+            trained parameters and optimiser state stay float32.
     """
 
     lr: float = 2e-4
@@ -102,13 +105,22 @@ class TrainConfig:
     batch_size: int = 8
     prompt_lengths: tuple[int, ...] = (26, 100)
     lora_rank: int = 4
+    lora_alpha: int = 8
     clusters: bool = False
     seed: int = 0
+    dtype: str = "bfloat16"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.seq_len < 2 or self.batch_size < 1:
+            raise ValueError(
+                f"TrainConfig.seq_len/batch_size must be >= 2/1, "
+                f"got {self.seq_len}/{self.batch_size}"
+            )
         if self.total_tokens < self.seq_len * self.batch_size:
             raise ValueError(
                 f"TrainConfig.total_tokens ({self.total_tokens}) must cover at least one step "
@@ -120,6 +132,12 @@ class TrainConfig:
             )
         if self.lora_rank < 1:
             raise ValueError(f"TrainConfig.lora_rank must be >= 1, got {self.lora_rank}")
+        if self.lora_alpha < 1:
+            raise ValueError(f"TrainConfig.lora_alpha must be >= 1, got {self.lora_alpha}")
+        if self.dtype not in ("bfloat16", "float32"):
+            raise ValueError(
+                f"TrainConfig.dtype must be 'bfloat16' or 'float32', got {self.dtype!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

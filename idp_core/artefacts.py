@@ -1,0 +1,74 @@
+"""The shipped default artefacts: the compressed default model (rebuilt on first use into
+`.cache/models/`, too big to commit), its trained prompt bank and the LoRA baseline adapter.
+
+How each was made is in docs/artefacts.md; `idp build-default` rebuilds the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from idp_core.compress import REPORT_FILE, CompressConfig, compress
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE_DIR = REPO / ".cache" / "models"
+
+# GPTQ W4, group 64, on 16 x 512 C4 tokens: chosen by WikiText-2 perplexity (docs/artefacts.md).
+DEFAULT_COMPRESS = CompressConfig(
+    method="gptq", bits=4, group_size=64, num_samples=16, seq_len=512, eval_windows=32
+)
+DEFAULT_MODEL_NAME = f"SmolLM2-135M-Instruct-{DEFAULT_COMPRESS.label()}"
+DEFAULT_MODEL_DIR = CACHE_DIR / DEFAULT_MODEL_NAME
+DEFAULT_BANK = REPO / "prompts" / "smollm2-135m-gptq-w4g64"
+DEFAULT_LORA = REPO / "adapters" / "smollm2-135m-gptq-w4g64-lora-r4"
+
+
+def ensure_default_model(*, force: bool = False) -> Path:
+    """The default compressed model folder, compressed from the embedded GGUF on first use.
+
+    The first call runs GPTQ on CPU (minutes, with progress bars) into `.cache/models/`;
+    later calls find the folder's compress.json and return at once.
+
+    Args:
+        force: rebuild even if the cached folder is complete.
+
+    Returns:
+        The compressed-tensors checkpoint folder (loadable with `idp_core.model.load_model`).
+    """
+    if not force and (DEFAULT_MODEL_DIR / REPORT_FILE).is_file():
+        return DEFAULT_MODEL_DIR
+    log.info("building the default compressed model into %s (once; cached afterwards)",
+             DEFAULT_MODEL_DIR)
+    out = compress(None, DEFAULT_MODEL_DIR, DEFAULT_COMPRESS, force=force)
+    check_default_bank(out)
+    return out
+
+
+def check_default_bank(model_dir: Path = DEFAULT_MODEL_DIR) -> bool:
+    """Warn unless the shipped bank was trained on exactly these weights (compress.json's hash)."""
+    manifest = DEFAULT_BANK / "manifest.json"
+    if not manifest.is_file() or not (model_dir / REPORT_FILE).is_file():
+        return False
+    built = json.loads((model_dir / REPORT_FILE).read_text()).get("fingerprint")
+    trained = json.loads(manifest.read_text()).get("fingerprint")
+    if built != trained:
+        log.warning("WARNING the rebuilt default model's weights differ from those the default "
+                    "bank was trained on (GPTQ on this machine is not bit-identical)")
+        return False
+    return True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = ensure_default_model(force=args.force)
+    print(json.dumps({"bank_matches": check_default_bank(out)}))
+    print(out)
+    return 0

@@ -1,0 +1,145 @@
+"""Prompt tuning and the LoRA baseline on a tiny random model: the loss falls, only the trained
+parameters change, and banks/adapters round-trip through their files."""
+
+import json
+
+import pytest
+import torch
+from tiny import tiny_llama
+
+from idp_core.bank import PromptBank
+from idp_core.cli import main
+from idp_core.config import TrainConfig
+from idp_core.data import DEFAULT_CALIB, load_chunks
+from idp_core.train import (
+    cluster_chunks,
+    init_prompt,
+    lm_loss,
+    train_lora,
+    train_prompt,
+    train_prompts,
+)
+
+FAST = TrainConfig(lr=3e-2, total_tokens=8 * 4 * 32, seq_len=32, batch_size=4,
+                   prompt_lengths=(3, 5), dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def chunks():
+    return load_chunks(tiny_llama().tokenizer, DEFAULT_CALIB, num_samples=16, seq_len=32)
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_prompt_training_lowers_loss_and_changes_only_the_prompt(chunks):
+    lm = tiny_llama(seed=5)
+    before = snapshot(lm.model)
+    prompt, stats = train_prompt(lm, chunks, 4, FAST, seed=0)
+    assert prompt.shape == (4, lm.model.config.hidden_size) and not prompt.requires_grad
+    assert stats.steps == 8 and stats.tokens == 8 * 4 * 32 and len(stats.losses) == 8
+    g = torch.Generator().manual_seed(0)
+    start = init_prompt(lm.model.get_input_embeddings().weight, 4, generator=g)
+    with torch.no_grad():
+        assert lm_loss(lm.model, chunks, prompt) < lm_loss(lm.model, chunks, start) - 0.05
+    after = snapshot(lm.model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(not p.requires_grad for p in lm.model.parameters())
+
+
+def test_prompt_loss_matches_a_plain_forward(chunks):
+    lm = tiny_llama(seed=5)
+    prompt = torch.randn(3, lm.model.config.hidden_size)
+    ids = chunks[:2]
+    x = torch.cat([prompt.expand(2, -1, -1), lm.model.get_input_embeddings()(ids)], dim=1)
+    logits = lm.model(inputs_embeds=x).logits[:, 2:-1]  # positions that predict ids[:, 0:]
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
+    torch.testing.assert_close(lm_loss(lm.model, ids, prompt), want, rtol=1e-5, atol=1e-5)
+    want_plain = lm.model(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(lm_loss(lm.model, ids), want_plain, rtol=1e-5, atol=1e-5)
+
+
+def test_bank_training_round_trips(chunks, tmp_path):
+    lm = tiny_llama(seed=5)
+    bank = train_prompts(lm, chunks, FAST, data={"path": "c4"})
+    assert bank.names == ["p0-L3", "p1-L5"] and bank.lengths == [3, 5]
+    assert bank.fingerprint == lm.fingerprint.to_dict()
+    t = bank.training
+    assert t["tokens_per_prompt"] == FAST.total_tokens and t["lr"] == FAST.lr
+    assert [len(p["loss_curve"]) for p in t["prompts"]] == [8, 8]
+    loaded = PromptBank.load(bank.save(tmp_path / "bank"))
+    assert loaded.names == bank.names and loaded.training == json.loads(json.dumps(t))
+    for a, b in zip(loaded.prompts, bank.prompts, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    loaded.check_model(lm.fingerprint, strict=True)
+
+
+def test_clusters_split_the_data(chunks):
+    lm = tiny_llama(seed=5)
+    assign = cluster_chunks(lm, chunks, 2, seed=0)
+    assert assign.shape == (16,) and set(assign.tolist()) == {0, 1}
+    assert torch.equal(assign, cluster_chunks(lm, chunks, 2, seed=0))
+    bank = train_prompts(lm, chunks, TrainConfig(**{**FAST.to_dict(), "clusters": True,
+                                                     "prompt_lengths": (2, 2)}))
+    assert bank.names == ["c0-L2", "c1-L2"] and sum(bank.training["clusters"]) == 16
+
+
+def test_lora_changes_only_adapter_weights_and_reloads_unmerged(chunks, tmp_path):
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    lm = tiny_llama(seed=5)
+    before = snapshot(lm.model)
+    with torch.no_grad():
+        loss0 = lm_loss(lm.model, chunks)
+    model, stats = train_lora(lm, chunks, FAST)
+    assert stats.steps == 8 and lm.model is model
+    with torch.no_grad():
+        assert lm_loss(model, chunks) < loss0
+    changed = set()
+    for name, p in model.named_parameters():
+        base_name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        if "lora_" in name:
+            assert p.dtype == torch.float32
+            if "lora_B" in name:
+                assert p.abs().sum() > 0, name  # B starts at zero and must have moved
+            changed.add(name)
+        else:
+            assert torch.equal(p, before[base_name]), name
+    assert len(changed) == 2 * 7 * 2  # A and B on 7 projections in 2 layers
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    fresh = PeftModel.from_pretrained(tiny_llama(seed=5).model, tmp_path / "adapter")
+    assert any(isinstance(m, LoraLayer) for m in fresh.modules())  # not merged
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=chunks[:2]).logits,
+                                   model(input_ids=chunks[:2]).logits, rtol=0, atol=1e-6)
+
+
+def test_cli_trains_bank_and_adapter(tmp_path):
+    lm = tiny_llama(seed=5)
+    lm.model.save_pretrained(tmp_path / "m")
+    lm.tokenizer.save_pretrained(tmp_path / "m")
+    common = ["--model", str(tmp_path / "m"), "--total-tokens", "256", "--seq-len", "32",
+              "--batch-size", "4", "--dtype", "float32"]
+    assert main(["train-prompts", *common, "--lengths", "2,3", "--out", str(tmp_path / "b")]) == 0
+    bank = PromptBank.load(tmp_path / "b")
+    assert bank.lengths == [2, 3] and bank.training["steps_per_prompt"] == 2
+    assert main(["train-lora", *common, "--rank", "2", "--out", str(tmp_path / "a")]) == 0
+    meta = json.loads((tmp_path / "a" / "train.json").read_text())
+    # rank 2: r * (in + out) per projection (q, k, v, o, gate, up, down), 2 layers
+    shapes = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]
+    assert meta["steps"] == 2
+    assert meta["num_parameters"] == 2 * sum(2 * (i + o) for i, o in shapes)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"lr": 0}, "lr"), ({"weight_decay": -1}, "weight_decay"), ({"prompt_lengths": ()},
+     "prompt_lengths"), ({"lora_rank": 0}, "lora_rank"), ({"dtype": "int8"}, "dtype"),
+     ({"total_tokens": 10}, "total_tokens")],
+)
+def test_train_config_errors(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**kwargs)
