@@ -1,0 +1,344 @@
+"""`idp bench latency|selection|prefix`: in-process timings, interleaved, medians, JSON + PNG.
+
+Variants run A B C A B C ... so drift on a shared machine hits all alike; each figure is the
+median over repeats with the 10th-90th percentile spread. Nothing here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from idp_core.bank import PromptBank
+from idp_core.config import AUTO, CONCAT, NONE, GenConfig
+from idp_core.data import load_wikitext2
+from idp_core.generate import Engine, GenRequest
+from idp_core.kv import precompute_prompt_kv
+from idp_core.model import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of serving a request: an engine plus the selection each request asks for."""
+
+    name: str
+    engine: Engine
+    selection: str
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def spread(xs: list[float]) -> dict[str, float]:
+    """Median and the 10th/90th percentiles (min/max for fewer than 10 samples)."""
+    qs = statistics.quantiles(xs, n=10) if len(xs) >= 10 else [min(xs)] * 9
+    return {"median": statistics.median(xs), "p10": qs[0] if len(xs) >= 10 else min(xs),
+            "p90": qs[8] if len(xs) >= 10 else max(xs), "n": len(xs)}
+
+
+def input_rows(lm: LoadedModel, batch: int, seq_len: int) -> list[list[int]]:
+    """`batch` distinct WikiText-2 windows of exactly `seq_len` tokens."""
+    ids = load_wikitext2(lm.tokenizer)
+    if ids.numel() < batch * seq_len:
+        raise ValueError(f"WikiText-2 has {ids.numel()} tokens, need {batch * seq_len}")
+    return ids[: batch * seq_len].view(batch, seq_len).tolist()
+
+
+def lora_variant(lm: LoadedModel, rank: int) -> Engine:
+    """The same weights with an unmerged rank-r LoRA on q,k,v,o,gate,up,down (peft)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = copy.deepcopy(lm.model)
+    peft_model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank,
+                                                 target_modules=list(LORA_TARGETS),
+                                                 init_lora_weights=False)).eval()
+    wrapped = LoadedModel(peft_model, lm.tokenizer, lm.name, lm.source, lm.kind,
+                          lm.dequantized, lm.fingerprint)
+    return Engine(wrapped, None, method_without_bank="lora")
+
+
+def build_variants(lm: LoadedModel, bank: PromptBank, lora_ranks: list[int]) -> list[Variant]:
+    engine = Engine(lm, precompute_prompt_kv(lm.model, bank))
+    longest = bank.names[max(range(len(bank.names)), key=lambda i: bank.lengths[i])]
+    variants = [Variant("none", engine, NONE), Variant(f"prompt:{longest}", engine, longest),
+                Variant("idp", engine, AUTO), Variant("concat", engine, CONCAT)]
+    variants += [Variant(f"lora-r{r}", lora_variant(lm, r), NONE) for r in lora_ranks]
+    return variants
+
+
+def run_latency(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> dict[str, Any]:
+    """Forward (selection + prefill of B x L) and generation of N new tokens, per variant."""
+    variants = build_variants(lm, bank, args.lora_ranks)
+    records: list[dict[str, Any]] = []
+    for seq_len in args.lengths:
+        rows = input_rows(lm, args.batch, seq_len)
+        for task, max_tokens in (("forward", 1), ("generate", args.new_tokens)):
+            if task == "generate" and seq_len not in args.generate_lengths:
+                continue
+            config = GenConfig(max_tokens=max_tokens, ignore_eos=True)
+            times: dict[str, list[float]] = {v.name: [] for v in variants}
+            selection: list[float] = []
+            for rep in range(args.warmup + args.repeats):
+                for v in variants:  # interleaved: A B C A B C ...
+                    reqs = [GenRequest(r, config, v.selection) for r in rows]
+                    call = (lambda v=v, reqs=reqs: v.engine.start(reqs)) if task == "forward" \
+                        else (lambda v=v, reqs=reqs: v.engine.generate(reqs))
+                    seconds, out = timed(call, lm.device)
+                    if rep >= args.warmup:
+                        times[v.name].append(seconds)
+                        if v.name == "idp":
+                            seqs = out.seqs if task == "forward" else out
+                            selection.append(seqs[0].selection_s)
+                    log.info("%s L=%d %s rep %d: %.3f s", task, seq_len, v.name, rep, seconds)
+            base = statistics.median(times["none"])
+            for name, xs in times.items():
+                records.append({"task": task, "seq_len": seq_len, "batch": args.batch,
+                                "new_tokens": max_tokens, "variant": name, **spread(xs),
+                                "ratio_to_none": statistics.median(xs) / base})
+            idp = statistics.median(times["idp"])
+            records.append({"task": task, "seq_len": seq_len, "variant": "idp-selection-pass",
+                            **spread(selection),
+                            "fraction_of_request": statistics.median(selection) / idp})
+    return {"records": records, "idp_over_lora": _idp_over_lora(records)}
+
+
+def _idp_over_lora(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for r in records:
+        if r["variant"] == "idp":
+            for q in records:
+                if (q["task"], q["seq_len"]) == (r["task"], r["seq_len"]) and \
+                        q["variant"].startswith("lora"):
+                    out.append({"task": r["task"], "seq_len": r["seq_len"], "lora": q["variant"],
+                                "idp_over_lora": r["median"] / q["median"]})
+    return out
+
+
+def synthetic_bank(lm: LoadedModel, lengths: list[int], seed: int = 0) -> PromptBank:
+    """Prompts made of random vocabulary embeddings (timing does not depend on their values)."""
+    emb = lm.model.get_input_embeddings().weight.detach().float()
+    g = torch.Generator().manual_seed(seed)
+    prompts = [emb[torch.randint(0, emb.shape[0], (n,), generator=g)] for n in lengths]
+    return PromptBank([f"s{i}" for i in range(len(lengths))], prompts)
+
+
+def run_selection(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> dict[str, Any]:
+    """Selection pass alone vs the whole request (selection + prefill), over B and m."""
+    records = []
+    for m in args.bank_sizes:
+        lengths = [bank.lengths[i % len(bank.lengths)] for i in range(m)]
+        engine = Engine(lm, precompute_prompt_kv(lm.model, synthetic_bank(lm, lengths)))
+        for batch in args.batch_sizes:
+            rows = input_rows(lm, batch, args.seq_len)
+            reqs = [GenRequest(r, GenConfig(max_tokens=1)) for r in rows]
+            sel, total = [], []
+            for rep in range(args.warmup + args.repeats):
+                seconds, out = timed(lambda reqs=reqs, e=engine: e.start(reqs), lm.device)
+                if rep >= args.warmup:
+                    total.append(seconds)
+                    sel.append(out.seqs[0].selection_s)
+            records.append({"bank_size": m, "batch": batch, "seq_len": args.seq_len,
+                            "selection_s": spread(sel), "request_s": spread(total),
+                            "fraction": statistics.median(sel) / statistics.median(total)})
+            log.info("m=%d B=%d: selection %.4f s of %.3f s", m, batch,
+                     statistics.median(sel), statistics.median(total))
+    return {"records": records}
+
+
+def run_prefix(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> dict[str, Any]:
+    """Prefill on cached prompt KV vs recomputing [P; X] from embeddings for every request."""
+    store = precompute_prompt_kv(lm.model, bank)
+    engine = Engine(lm, store)
+    rows = input_rows(lm, args.batch, args.seq_len)
+    records = []
+    for name, prompt in zip(bank.names, bank.prompts, strict=True):
+        reqs = [GenRequest(r, GenConfig(max_tokens=1), name) for r in rows]
+        ids = torch.tensor(rows, device=lm.device)
+        p = prompt.to(lm.device, lm.dtype)
+
+        @torch.inference_mode()
+        def recompute(ids: Tensor = ids, p: Tensor = p) -> Tensor:
+            x = torch.cat([p.expand(ids.shape[0], -1, -1), lm.model.get_input_embeddings()(ids)], 1)
+            return lm.model(inputs_embeds=x, logits_to_keep=1).logits
+
+        cached, fresh = [], []
+        for rep in range(args.warmup + args.repeats):
+            t_cached, _ = timed(lambda reqs=reqs: engine.start(reqs), lm.device)
+            t_fresh, _ = timed(recompute, lm.device)
+            if rep >= args.warmup:
+                cached.append(t_cached)
+                fresh.append(t_fresh)
+        entry = store.entry(name)
+        kv_bytes = sum(t.numel() * t.element_size() for t in (*entry.keys, *entry.values))
+        records.append({"prompt": name, "prompt_len": prompt.shape[0], "batch": args.batch,
+                        "seq_len": args.seq_len, "cached_s": spread(cached),
+                        "recomputed_s": spread(fresh), "resident_kv_bytes": kv_bytes,
+                        "speedup": statistics.median(fresh) / statistics.median(cached)})
+    return {"records": records}
+
+
+def environment(lm: LoadedModel) -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    device = lm.device
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": platform.machine(), "processor": platform.processor(),
+            "cpu_count": torch.get_num_threads(), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "dtype": str(lm.dtype).removeprefix("torch."), "model": lm.name,
+            "git_commit": commit}
+
+
+# ---- tables and plots ---------------------------------------------------------------------
+def latency_table(result: dict[str, Any]) -> str:
+    lines = ["| task | L | variant | median s | p10-p90 s | x none |", "|---|---|---|---|---|---|"]
+    for r in result["records"]:
+        if r["variant"] == "idp-selection-pass":
+            lines.append(f"| {r['task']} | {r['seq_len']} | selection pass | {r['median']:.4f} "
+                         f"| {r['p10']:.4f}-{r['p90']:.4f} | "
+                         f"{100 * r['fraction_of_request']:.2f}% of IDP request |")
+        else:
+            lines.append(f"| {r['task']} | {r['seq_len']} | {r['variant']} | {r['median']:.3f} "
+                         f"| {r['p10']:.3f}-{r['p90']:.3f} | {r['ratio_to_none']:.3f} |")
+    lines += ["", "| task | L | IDP / LoRA |", "|---|---|---|"]
+    lines += [f"| {r['task']} | {r['seq_len']} | {r['idp_over_lora']:.3f} ({r['lora']}) |"
+              for r in result["idp_over_lora"]]
+    return "\n".join(lines)
+
+
+def selection_table(result: dict[str, Any]) -> str:
+    lines = ["| m | B | selection s | request s | fraction |", "|---|---|---|---|---|"]
+    lines += [f"| {r['bank_size']} | {r['batch']} | {r['selection_s']['median']:.4f} | "
+              f"{r['request_s']['median']:.3f} | {100 * r['fraction']:.2f}% |"
+              for r in result["records"]]
+    return "\n".join(lines)
+
+
+def prefix_table(result: dict[str, Any]) -> str:
+    lines = ["| prompt (n) | B x L | cached s | recomputed s | speed-up | resident KV |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['prompt']} ({r['prompt_len']}) | {r['batch']} x {r['seq_len']} | "
+              f"{r['cached_s']['median']:.3f} | {r['recomputed_s']['median']:.3f} | "
+              f"{r['speedup']:.2f}x | {r['resident_kv_bytes'] / 1e6:.2f} MB |"
+              for r in result["records"]]
+    return "\n".join(lines)
+
+
+def plot(kind: str, result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if kind == "latency":
+        recs = [r for r in result["records"] if r["variant"] != "idp-selection-pass"]
+        groups = sorted({(r["task"], r["seq_len"]) for r in recs})
+        names = list(dict.fromkeys(r["variant"] for r in recs))
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            ys = [next(r["ratio_to_none"] for r in recs if (r["task"], r["seq_len"]) == g
+                       and r["variant"] == name) for g in groups]
+            ax.bar([j + i * width for j in range(len(groups))], ys, width, label=name)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))],
+                      [f"{t}\nL={L}" for t, L in groups])
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_ylabel("latency / no recovery (median)")
+        ax.set_title("Latency by recovery method (lower is better)")
+    elif kind == "selection":
+        for m in sorted({r["bank_size"] for r in result["records"]}):
+            recs = [r for r in result["records"] if r["bank_size"] == m]
+            ax.plot([r["batch"] for r in recs], [100 * r["fraction"] for r in recs], "o-",
+                    label=f"m={m}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("selection pass, % of request")
+        ax.set_title("IDP selection overhead")
+    else:
+        recs = result["records"]
+        xs = range(len(recs))
+        ax.bar([x - 0.2 for x in xs], [r["cached_s"]["median"] for r in recs], 0.4,
+               label="cached prompt KV")
+        ax.bar([x + 0.2 for x in xs], [r["recomputed_s"]["median"] for r in recs], 0.4,
+               label="recompute [P; X]")
+        ax.set_xticks(list(xs), [f"{r['prompt']} (n={r['prompt_len']})" for r in recs])
+        ax.set_ylabel("prefill seconds (median)")
+        ax.set_title("Prompt as cached KV vs recomputed per request")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+RUNNERS = {"latency": (run_latency, latency_table), "selection": (run_selection, selection_table),
+           "prefix": (run_prefix, prefix_table)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("which", choices=sorted(RUNNERS))
+    parser.add_argument("--model", default=None, help="checkpoint; default: the default model")
+    parser.add_argument("--bank", default=None, help="prompt bank; default: the shipped bank")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="docs/bench", help="folder for JSON, table and PNG")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024])
+    parser.add_argument("--generate-lengths", type=int, nargs="*", default=[128])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--lora-ranks", type=int, nargs="*", default=[2, 3, 4])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--bank-sizes", type=int, nargs="+", default=[2, 4, 8, 16])
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+
+
+def run(args: argparse.Namespace) -> int:
+    from idp_core.artefacts import DEFAULT_BANK, ensure_default_model
+
+    lm = load_model(args.model or ensure_default_model(), dtype=args.dtype, device=args.device)
+    bank = PromptBank.load(args.bank or DEFAULT_BANK)
+    bank.check_model(lm.fingerprint)
+    runner, table = RUNNERS[args.which]
+    result = {"benchmark": args.which, "env": environment(lm),
+              "args": {k: v for k, v in vars(args).items() if k != "func"},
+              **runner(lm, bank, args)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.which}.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = table(result)
+    (out / f"{args.which}.md").write_text(text + "\n")
+    plot(args.which, result, out / f"{args.which}.png")
+    print(text)
+    print(f"\nwrote {out}/{args.which}.json, .md and .png")
+    return 0
