@@ -95,7 +95,8 @@ def load_state(settings: Settings, metrics_registry: Any = None) -> ServingState
     metrics = Metrics(name, mode, metrics_registry)
     aengine = AsyncEngine(engine, metrics, max_batch_size=settings.max_batch_size,
                           max_batch_tokens=settings.max_batch_tokens,
-                          max_queue=settings.max_queue)
+                          max_queue=settings.max_queue,
+                          static=settings.scheduling == "static")
     aengine.start()
     return ServingState(lm, engine, aengine, bank, name, mode, int(time.time()))
 

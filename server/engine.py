@@ -65,12 +65,14 @@ class AsyncEngine:
         max_batch_size: int,
         max_batch_tokens: int,
         max_queue: int,
+        static: bool = False,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_queue = max_queue
+        self.static = static  # benchmark baseline: admit only into an empty batch
         self._waiting: collections.deque[_Work] = collections.deque()
         self._running: dict[str, _Work] = {}
         self._cond = threading.Condition()
@@ -132,6 +134,8 @@ class AsyncEngine:
 
     def _take_admissible(self, batch: Batch | None) -> list[_Work]:
         """Pop waiting requests that fit the batch limits (called with the lock held)."""
+        if self.static and batch is not None:
+            return []
         rows = 0 if batch is None else len(batch.seqs)
         tokens = sum(w.num_tokens for w in self._running.values())
         taken: list[_Work] = []

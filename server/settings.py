@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     device: str = "cpu"
     max_batch_size: int = Field(16, ge=1, description="rows decoded together")
     max_batch_tokens: int = Field(16384, ge=1, description="prefix+input+output tokens in flight")
+    scheduling: Literal["continuous", "static"] = Field(
+        "continuous", description="static: a batch runs to its end before new requests join "
+        "(a baseline for benchmarks)")
     max_queue: int = Field(256, ge=0, description="requests waiting for a batch slot")
     max_body_bytes: int = Field(2_000_000, ge=1024)
     max_stop_strings: int = Field(16, ge=0)
