@@ -176,3 +176,14 @@ def test_substitute_leaves_no_variable() -> None:
     )
     with pytest.raises(KeyError):
         substitute("rate(x[$nope])", {})
+
+
+def test_docs_explain_every_panel_and_port(dashboard: dict) -> None:
+    docs = (DASHBOARD.parents[3] / "docs" / "deploy.md").read_text()
+    assert docs.startswith("## Deploy on a GPU host")
+    for p in _panels(dashboard):
+        assert f"| {p['title'].split(' (')[0]} " in docs, f"docs/deploy.md: explain {p['title']!r}"
+    for port in ("8000", "8001", "9090", "3000"):
+        assert port in docs
+    assert "docker compose -f deploy/docker-compose.yml up -d --build" in docs
+    assert "docker compose -f deploy/docker-compose.yml -f deploy/docker-compose.cpu.yml" in docs
