@@ -23,6 +23,7 @@ import httpx
 import pytest
 import yaml
 from deploy_files import (
+    IDP_ONLY,
     PROMETHEUS_CONFIG,
     PROMETHEUS_RULES,
     Query,
@@ -220,7 +221,7 @@ def test_servers_export_every_metric_the_dashboard_reads(servers: dict[str, Remo
     }
     for q in _queries():
         for name in metric_names(q.expr):
-            jobs = {"idp"} if base_metric(name) in {"idp_prompt_selection_seconds"} else BOTH
+            jobs = {"idp"} if base_metric(name) in IDP_ONLY else BOTH
             for job in jobs:
                 assert name in exposed[job], f"{q.where}: {job} server does not export {name}"
 
