@@ -66,6 +66,9 @@ WORKDIR /app
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOME=/app \
+    # Only /app/.cache is writable by the server: every library cache goes there.
+    XDG_CACHE_HOME=/app/.cache \
+    TRITON_CACHE_DIR=/app/.cache/triton \
     MPLCONFIGDIR=/tmp/matplotlib \
     HF_HOME=/app/.cache/huggingface \
     HF_HUB_OFFLINE=1 \
