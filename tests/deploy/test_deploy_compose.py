@@ -150,10 +150,18 @@ def test_loadgen_sends_the_same_traffic_to_both_servers(resolved: dict[str, Any]
     # Compose escapes $ as $$ in its output; the shell in the container sees $VAR.
     script = " ".join(loadgen["command"]).replace("$$", "$")
     script = re.sub(r"\$\{(\w+)\}", r"$\1", script)
-    for url in ("http://idp:8000", "http://lora:8000"):
-        assert f"idp loadgen --url {url} --concurrency $LOADGEN_CONCURRENCY" in script
-    assert script.count("--duration-s $LOADGEN_DURATION_S") == 2
-    assert int(loadgen["environment"]["LOADGEN_CONCURRENCY"]) > 0
+    assert script.startswith(
+        "exec idp loadgen --target idp=http://idp:8000 --target lora=http://lora:8000 "
+    )
+    for flag in ("--concurrency $LOADGEN_CONCURRENCY", "--duration-s $LOADGEN_DURATION_S"):
+        assert flag in script
+    levels = loadgen["environment"]["LOADGEN_CONCURRENCY"].split()
+    assert levels and all(int(c) > 0 for c in levels)
+    data = re.search(r"--data (\S+)", script).group(1)
+    assert data.startswith("/shared/data/")  # the calibration/eval data mount
+    assert any(v.split(":")[1] == "/shared/data" for v in loadgen["volumes"])
+    out = re.search(r"--out (\S+)", script).group(1)
+    assert out.startswith("/tmp/")  # writable by the non-root user
 
 
 @needs_v1

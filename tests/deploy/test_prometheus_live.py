@@ -10,9 +10,12 @@ panels for idp only). A dashboard that reads a metric the server does not export
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,12 +26,14 @@ import httpx
 import pytest
 import yaml
 from deploy_files import (
+    COMPOSE,
     IDP_ONLY,
     PROMETHEUS_CONFIG,
     PROMETHEUS_RULES,
     Query,
     base_metric,
     is_idp_only,
+    load_compose,
     load_dashboard,
     metric_names,
     panel_queries,
@@ -274,3 +279,35 @@ def test_a_query_naming_an_unknown_metric_fails_here(prometheus: Prometheus) -> 
         VARIABLES,
     )
     assert prometheus.vector(promql) == []
+
+
+def test_compose_loadgen_command_runs_against_both_servers(
+    servers: dict[str, RemoteServer], tmp_path: Path
+) -> None:
+    """The loadgen service's shell command, as written in docker-compose.yml, with the service
+    URLs, data file and output folder mapped to this machine, and a short run."""
+    loadgen = load_compose(COMPOSE)["services"]["loadgen"]
+    assert loadgen["entrypoint"] == ["sh", "-c"]
+    script = loadgen["command"][0].replace("$$", "$")
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": f"line {i} " * 40}) + "\n" for i in range(20)))
+    mapping = {
+        "exec idp ": f"exec {sys.executable} -m idp_core.cli ",
+        "http://idp:8000": servers["idp"].url,
+        "http://lora:8000": servers["lora"].url,
+        "/shared/data/eval/wikitext2_raw_test.rows.jsonl": str(data),
+        "/tmp/loadgen": str(tmp_path / "out"),
+    }
+    for old, new in mapping.items():
+        assert old in script, old
+        script = script.replace(old, new)
+    env = {"LOADGEN_CONCURRENCY": "1 2", "LOADGEN_DURATION_S": "20",
+           "LOADGEN_REQUESTS_PER_LEVEL": "3"}  # fmt: skip
+    out = subprocess.run(["sh", "-c", script], env={**os.environ, **env}, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    results = json.loads((tmp_path / "out" / "serving.json").read_text())["results"]
+    assert {(r["target"], r["concurrency"]) for r in results} == {
+        (t, c) for t in ("idp", "lora") for c in (1, 2)
+    }
+    assert all(r["completed"] == 3 and r["failed"] == 0 for r in results)
