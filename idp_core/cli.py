@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-prompts": ("idp_core.train", "train a bank of soft prompts on a compressed model"),
     "train-lora": ("idp_core.train", "train the LoRA baseline adapter on a compressed model"),
     "evaluate": ("idp_core.evaluate", "WikiText-2 perplexity through the serving engine"),
+    "eval": ("idp_core.report", "task suite (ARC, PIQA, HellaSwag, ...) through the engine"),
+    "report": ("idp_core.report", "recovery grid: Table 1 Markdown, JSON and PNGs with CIs"),
     "build-default": ("idp_core.artefacts", "rebuild the default compressed model into .cache/"),
 }
 

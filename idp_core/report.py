@@ -1,0 +1,452 @@
+"""`idp eval` (one model, several recovery methods, the task suite) and `idp report` (the recovery
+grid of Hoang et al. Table 1: uncompressed / compressed / +prompt / +concat / +LoRA / +IDP, as
+Markdown, JSON and PNGs with 95% bootstrap CIs). Every score goes through the serving engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from idp_core.tasks import (
+    GROUP_ORDER,
+    PRIMARY,
+    TASKS_DIR,
+    bootstrap_ci,
+    bootstrap_means,
+    evaluate_task,
+    lambada_perplexity,
+    load_task,
+    task_files,
+)
+
+NUM_BOOT = 1000
+IDP = "+IDP"
+
+
+# ---- running ------------------------------------------------------------------------------
+def load_tasks(folder: str | Path, names: list[str] | None, *, limit: int | None, seed: int):
+    tasks = [load_task(p, limit=limit, seed=seed) for p in task_files(folder)]
+    if names:
+        missing = set(names) - {t.name for t in tasks}
+        if missing:
+            raise ValueError(f"unknown tasks {sorted(missing)} in {folder}")
+        tasks = [t for t in tasks if t.name in names]
+    return tasks
+
+
+def run_method(engine, tasks, *, selection: str, batch_size: int, ppl_ids, ppl_windows: int,
+               ppl_seq_len: int) -> dict[str, Any]:
+    """All tasks (and WikiText-2 perplexity if `ppl_ids` is given) for one selection."""
+    from idp_core.evaluate import perplexity
+
+    out: dict[str, Any] = {"selection": selection, "tasks": {}}
+    for task in tasks:
+        start = time.perf_counter()
+        res = evaluate_task(engine, task, selection=selection, batch_size=batch_size)
+        res.wall_s = round(time.perf_counter() - start, 1)
+        out["tasks"][task.name] = {**asdict(res), "num_total": task.num_total,
+                                   "source": task.source, "group": task.group}
+        print(f"  {task.name:>16} [{selection}] {res.metrics()}  ({res.wall_s}s)", flush=True)
+    if ppl_ids is not None:
+        start = time.perf_counter()
+        out["wikitext2_ppl"] = perplexity(engine, ppl_ids, selection=selection,
+                                          seq_len=ppl_seq_len, max_windows=ppl_windows,
+                                          batch_size=8, progress=True)
+        print(f"  wikitext2 [{selection}] ppl {out['wikitext2_ppl']:.3f} "
+              f"({time.perf_counter() - start:.0f}s)", flush=True)
+    return out
+
+
+def lora_parameters(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+
+
+# ---- summarising ----------------------------------------------------------------------------
+def summarise(raw: dict[str, dict[str, Any]], *, seed: int = 0) -> dict[str, Any]:
+    """Point estimates, 95% CIs and paired bootstrap replicates of every figure, per method.
+
+    Averages are unweighted means over tasks of each task's primary metric (acc, or exact
+    match); their CIs resample every task's items independently with the same indices for every
+    method, so differences between methods are paired.
+    """
+    methods = list(raw)
+    tasks = list(next(iter(raw.values()))["tasks"])
+    groups = {g: [t for t in tasks if raw[methods[0]]["tasks"][t]["group"] == g]
+              for g in (*GROUP_ORDER, "other")}
+    groups = {g: ts for g, ts in groups.items() if ts}
+    rows: dict[str, Any] = {}
+    reps: dict[str, dict[str, np.ndarray]] = {}
+    for m in methods:
+        row: dict[str, Any] = {"params": raw[m]["params"], "tasks": {}, "averages": {}}
+        reps[m] = {}
+        for t in tasks:
+            r = raw[m]["tasks"][t]
+            cell: dict[str, Any] = {"n": r["num_items"], "primary": PRIMARY[r["kind"]]}
+            for key, values in r["per_item"].items():
+                if key == "loglik":
+                    cell["perplexity"] = lambada_perplexity(values)
+                    cell["perplexity_ci"] = bootstrap_ci(
+                        values, stat=lambda s: np.exp(-s.mean(axis=1)), num=NUM_BOOT, seed=seed)
+                    continue
+                cell[key] = float(np.mean(values))
+                cell[f"{key}_ci"] = bootstrap_ci(values, num=NUM_BOOT, seed=seed)
+            reps[m][t] = bootstrap_means(r["per_item"][cell["primary"]], num=NUM_BOOT, seed=seed)
+            row["tasks"][t] = cell
+        for name, ts in [*groups.items(), ("Average", tasks)]:
+            point = float(np.mean([row["tasks"][t][row["tasks"][t]["primary"]] for t in ts]))
+            rep = np.mean([reps[m][t] for t in ts], axis=0)
+            reps[m][name] = rep
+            row["averages"][name] = {"value": point, "ci": _ci(rep)}
+        row["wikitext2_ppl"] = raw[m].get("wikitext2_ppl")
+        rows[m] = row
+    return {"methods": methods, "tasks": tasks, "groups": groups, "rows": rows,
+            "differences": differences(methods, reps)}
+
+
+def _ci(rep: np.ndarray) -> tuple[float, float]:
+    lo, hi = np.quantile(rep, [0.025, 0.975])
+    return float(lo), float(hi)
+
+
+def differences(methods: list[str], reps: dict[str, dict[str, np.ndarray]]) -> list[dict]:
+    """Paired bootstrap CI of IDP minus every other method on the overall average."""
+    if IDP not in methods:
+        return []
+    out = []
+    for m in methods:
+        if m == IDP:
+            continue
+        diff = reps[IDP]["Average"] - reps[m]["Average"]
+        out.append({"vs": m, "diff": float(np.mean(diff)), "ci": _ci(diff),
+                    "p_le_0": float(np.mean(diff <= 0))})
+    return out
+
+
+def recovered(summary: dict[str, Any], method: str = IDP) -> float | None:
+    """Share of the compression loss a method wins back: (m - compressed) / (orig - compressed)."""
+    rows = summary["rows"]
+    if not {"uncompressed", "compressed", method} <= set(rows):
+        return None
+    avg = {m: rows[m]["averages"]["Average"]["value"] for m in ("uncompressed", "compressed",
+                                                                  method)}
+    gap = avg["uncompressed"] - avg["compressed"]
+    return None if gap == 0 else (avg[method] - avg["compressed"]) / gap
+
+
+# ---- rendering ------------------------------------------------------------------------------
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
+    tasks, groups, rows = summary["tasks"], summary["groups"], summary["rows"]
+    avgs = [*groups, "Average"]
+    head = ["Method", *[f"{t} (n={rows[summary['methods'][0]]['tasks'][t]['n']})" for t in tasks],
+            *avgs, "Trainable params", "WikiText-2 ppl"]
+    lines = [f"# Accuracy recovery on {meta['model']}", "",
+             f"Command: `{meta['command']}`", "",
+             f"Git {meta['git']}, dtype {meta['dtype']}, {meta['date']}; limit {meta['limit']} "
+             f"items per task (fixed seed {meta['seed']}); `.sample` files used whole. "
+             "Accuracy in % (exact match for TriviaQA/WebQuestions, LAMBADA last-word acc); "
+             "averages are unweighted means over tasks. WikiText-2 perplexity over "
+             f"{meta['ppl_windows']} windows of {meta['ppl_seq_len']} tokens.", "",
+             "## Table 1 layout (accuracy, %)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in summary["methods"]:
+        r = rows[m]
+        cells = [_pct(r["tasks"][t][r["tasks"][t]["primary"]]) for t in tasks]
+        cells += [_pct(r["averages"][a]["value"]) for a in avgs]
+        ppl = r["wikitext2_ppl"]
+        cells += [f"{r['params']:,}", "-" if ppl is None else f"{ppl:.2f}"]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "## 95% bootstrap confidence intervals (%)", "",
+              "| Method | " + " | ".join([*tasks, *avgs]) + " |",
+              "|" + "---|" * (1 + len(tasks) + len(avgs))]
+    for m in summary["methods"]:
+        r = rows[m]
+        cis = [r["tasks"][t][r["tasks"][t]["primary"] + "_ci"] for t in tasks]
+        cis += [r["averages"][a]["ci"] for a in avgs]
+        lines.append(f"| {m} | " + " | ".join(f"{_pct(lo)}–{_pct(hi)}" for lo, hi in cis) + " |")
+    extra = [t for t in tasks if "acc_norm" in rows[summary["methods"][0]]["tasks"][t]]
+    lam = [t for t in tasks if "perplexity" in rows[summary["methods"][0]]["tasks"][t]]
+    if extra or lam:
+        lines += ["", "## acc_norm (%) and LAMBADA perplexity, with 95% CIs", "",
+                  "| Method | " + " | ".join([*(f"{t} acc_norm" for t in extra),
+                                             *(f"{t} ppl" for t in lam)]) + " |",
+                  "|" + "---|" * (1 + len(extra) + len(lam))]
+        for m in summary["methods"]:
+            c = rows[m]["tasks"]
+            cells = [f"{_pct(c[t]['acc_norm'])} ({_pct(c[t]['acc_norm_ci'][0])}–"
+                     f"{_pct(c[t]['acc_norm_ci'][1])})" for t in extra]
+            cells += [f"{c[t]['perplexity']:.1f} ({c[t]['perplexity_ci'][0]:.1f}–"
+                      f"{c[t]['perplexity_ci'][1]:.1f})" for t in lam]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if summary["differences"]:
+        lines += ["", "## IDP minus each method, overall average (paired bootstrap)", "",
+                  "| vs | difference (points) | 95% CI | share of replicates <= 0 |",
+                  "|---|---|---|---|"]
+        for d in summary["differences"]:
+            lines.append(f"| {d['vs']} | {_pct(d['diff'])} | {_pct(d['ci'][0])} to "
+                         f"{_pct(d['ci'][1])} | {d['p_le_0']:.3f} |")
+    rec = recovered(summary)
+    if rec is not None:
+        lines += ["", f"IDP recovers {100 * rec:.0f}% of the compression loss on the overall "
+                      "average (IDP − compressed) / (uncompressed − compressed)."]
+    lines += ["", "Figures: `recovery_tasks.png` (per task, 95% CIs), `recovery_params.png` "
+                  "(average accuracy vs trainable parameters, the paper's Figure 4)."]
+    return "\n".join(lines) + "\n"
+
+
+def plots(summary: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods, rows = summary["methods"], summary["rows"]
+    cols = [*summary["tasks"], *summary["groups"], "Average"]
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(cols) * len(methods) / 4), 4.8))
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        vals, los, his = [], [], []
+        for c in cols:
+            if c in rows[m]["tasks"]:
+                cell = rows[m]["tasks"][c]
+                v, (lo, hi) = cell[cell["primary"]], cell[cell["primary"] + "_ci"]
+            else:
+                v, (lo, hi) = rows[m]["averages"][c]["value"], rows[m]["averages"][c]["ci"]
+            vals.append(100 * v)
+            los.append(100 * (v - lo))
+            his.append(100 * (hi - v))
+        ax.bar([j + i * width for j in range(len(cols))], vals, width, yerr=[los, his],
+               capsize=1.5, label=m, error_kw={"lw": 0.6})
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))],
+                  [c.replace(" ", "\n") for c in cols], fontsize=7)
+    ax.set_ylabel("accuracy % (95% bootstrap CI)")
+    ax.set_title("Accuracy by task and recovery method")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "recovery_tasks.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for m in methods:
+        a = rows[m]["averages"]["Average"]
+        x = max(rows[m]["params"], 1)
+        ax.errorbar([x], [100 * a["value"]], yerr=[[100 * (a["value"] - a["ci"][0])],
+                                                   [100 * (a["ci"][1] - a["value"])]],
+                    fmt="o", capsize=3, label=m)
+        ax.annotate(m, (x, 100 * a["value"]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log; 0 plotted at 1)")
+    ax.set_ylabel("average accuracy % (95% CI)")
+    ax.set_title("Average accuracy vs trainable parameters")
+    fig.tight_layout()
+    fig.savefig(out / "recovery_params.png", dpi=120)
+    plt.close(fig)
+
+
+# ---- CLI --------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="compressed checkpoint (default: built-in)")
+    parser.add_argument("--original", action="store_true",
+                        help="`idp eval`: the uncompressed default GGUF instead of --model")
+    parser.add_argument("--bank", default=None, help="prompt bank (default: the shipped one)")
+    parser.add_argument("--lora", default=None, help="LoRA adapter (default: the shipped one)")
+    parser.add_argument("--methods", default=None,
+                        help="comma list. eval: none, auto, concat, prompt names, lora. report: "
+                             "uncompressed, compressed, prompt, concat, lora, idp (default all)")
+    parser.add_argument("--tasks-dir", default=str(TASKS_DIR))
+    parser.add_argument("--tasks", default=None, help="comma list of task names (default all)")
+    parser.add_argument("--limit", type=int, default=None, help="items per task (fixed subset)")
+    parser.add_argument("--seed", type=int, default=1234, help="subset seed")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--ppl-windows", type=int, default=32,
+                        help="WikiText-2 windows (0: skip perplexity)")
+    parser.add_argument("--ppl-seq-len", type=int, default=512)
+    parser.add_argument("--out", default=None, help="eval: JSON file; report: folder")
+    parser.add_argument("--render-only", action="store_true",
+                        help="report: rebuild Markdown/PNG/JSON from the saved raw results")
+
+
+def _git() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_report(args) if args.command == "report" else run_eval(args)
+
+
+def _ppl_ids(lm, args):
+    from idp_core.data import load_wikitext2
+
+    return load_wikitext2(lm.tokenizer) if args.ppl_windows > 0 else None
+
+
+def _engine(lm, bank_path):
+    from idp_core.bank import PromptBank
+    from idp_core.generate import Engine
+    from idp_core.kv import precompute_prompt_kv
+
+    bank = PromptBank.load(bank_path)
+    bank.check_model(lm.fingerprint, origin=str(bank_path))
+    return Engine(lm, precompute_prompt_kv(lm.model, bank)), bank
+
+
+def _lora_engine(source, lora_path, dtype):
+    from peft import PeftModel
+
+    from idp_core.generate import Engine
+    from idp_core.model import load_model
+
+    lm = load_model(source, dtype=dtype)
+    lm.model = PeftModel.from_pretrained(lm.model, str(lora_path)).eval()
+    return Engine(lm, None, method_without_bank="lora"), lora_parameters(lm.model)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from idp_core.artefacts import ensure_default_model
+    from idp_core.generate import Engine
+    from idp_core.model import load_model
+
+    source = None if args.original else (args.model or ensure_default_model())
+    tasks = load_tasks(args.tasks_dir, args.tasks and args.tasks.split(","), limit=args.limit,
+                       seed=args.seed)
+    selections = (args.methods or "none").split(",")
+    raw: dict[str, Any] = {}
+    engine = None
+    for sel in selections:
+        if sel == "lora":
+            if not args.lora:
+                raise ValueError("--methods lora needs --lora ADAPTER")
+            lora_engine, params = _lora_engine(source, args.lora, args.dtype)
+            run_engine, sel_used = lora_engine, "none"
+        else:
+            if engine is None:
+                lm = load_model(source, dtype=args.dtype)
+                engine = _engine(lm, args.bank)[0] if args.bank else Engine(lm, None)
+            run_engine, sel_used, params = engine, sel, 0
+        raw[sel] = {**run_method(run_engine, tasks, selection=sel_used,
+                                 batch_size=args.batch_size, ppl_ids=_ppl_ids(run_engine.lm, args),
+                                 ppl_windows=args.ppl_windows, ppl_seq_len=args.ppl_seq_len),
+                    "params": params, "model": run_engine.lm.describe()}
+    summary = summarise(raw)
+    for m in selections:
+        r = summary["rows"][m]
+        lo, hi = r["averages"]["Average"]["ci"]
+        print(f"{m}: average {_pct(r['averages']['Average']['value'])}% "
+              f"(95% CI {_pct(lo)}-{_pct(hi)})")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"raw": raw, "summary": summary}, indent=1,
+                                             default=float) + "\n")
+    return 0
+
+
+def report_methods(bank, requested: list[str] | None) -> list[tuple[str, str, str]]:
+    """(row name, kind, engine selection) of the grid, in the paper's row order; `requested`
+    filters by kind: uncompressed, compressed, prompt, concat, lora, idp."""
+    rows = [("uncompressed", "uncompressed", "none"), ("compressed", "compressed", "none")]
+    if bank is not None:
+        rows += [(f"+prompt {n} (L={L})", "prompt", n)
+                 for n, L in zip(bank.names, bank.lengths, strict=True)]
+    rows += [("+concat", "concat", "concat"), ("+LoRA", "lora", "none"), (IDP, "idp", "auto")]
+    if requested:
+        unknown = set(requested) - {kind for _, kind, _ in rows}
+        if unknown:
+            raise ValueError(f"unknown --methods {sorted(unknown)}")
+        rows = [r for r in rows if r[1] in requested]
+    return rows
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from idp_core.artefacts import DEFAULT_BANK, DEFAULT_LORA, ensure_default_model
+    from idp_core.bank import PromptBank
+    from idp_core.generate import Engine
+    from idp_core.model import load_model
+
+    out = Path(args.out or "docs")
+    raw_dir = out / "recovery_raw"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    bank_path, lora_path = Path(args.bank or DEFAULT_BANK), Path(args.lora or DEFAULT_LORA)
+    requested = args.methods.split(",") if args.methods else None
+    needs_bank = requested is None or bool({"prompt", "concat", "idp"} & set(requested))
+    bank = PromptBank.load(bank_path) if needs_bank else None
+    grid = report_methods(bank, requested)
+    source = Path(args.model) if args.model else ensure_default_model()
+    tasks = load_tasks(args.tasks_dir, args.tasks and args.tasks.split(","), limit=args.limit,
+                       seed=args.seed)
+    common = {"batch_size": args.batch_size, "ppl_windows": args.ppl_windows,
+              "ppl_seq_len": args.ppl_seq_len}
+    engines: dict[str, Any] = {}
+    raw: dict[str, Any] = {}
+    for name, kind, sel in grid:
+        path = raw_dir / f"{kind}{'_' + sel if kind == 'prompt' else ''}.json"
+        if path.is_file():
+            raw[name] = json.loads(path.read_text())
+            continue
+        if args.render_only:
+            raise FileNotFoundError(f"--render-only: no saved results {path}")
+        print(f"== {name}", flush=True)
+        params = 0
+        if kind == "uncompressed":
+            engine = Engine(load_model(None, dtype=args.dtype), None)
+        elif kind == "lora":
+            engine, params = _lora_engine(source, lora_path, args.dtype)
+        elif kind == "compressed" and bank is None:
+            engine = Engine(load_model(source, dtype=args.dtype), None)
+        else:
+            if "bank" not in engines:
+                engines["bank"] = _engine(load_model(source, dtype=args.dtype), bank_path)[0]
+            engine = engines["bank"]
+            if kind in ("concat", "idp"):
+                params = bank.num_parameters
+            elif kind == "prompt":
+                params = bank.prompts[bank.index(sel)].numel()
+        start = time.perf_counter()
+        result = run_method(engine, tasks, selection=sel, ppl_ids=_ppl_ids(engine.lm, args),
+                            **common)
+        raw[name] = {**result, "params": int(params), "model": engine.lm.describe(),
+                     "wall_s": round(time.perf_counter() - start, 1)}
+        path.write_text(json.dumps(raw[name]) + "\n")
+    summary = summarise(raw)
+    meta = {"model": source.name, "bank": str(bank_path), "lora": str(lora_path),
+            "limit": args.limit, "seed": args.seed, "dtype": args.dtype, "git": _git(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "ppl_windows": args.ppl_windows, "ppl_seq_len": args.ppl_seq_len,
+            "command": getattr(args, "command_line", None) or _command(args)}
+    (out / "recovery.json").write_text(json.dumps({"meta": meta, "summary": summary},
+                                                  indent=1, default=float) + "\n")
+    text = markdown(summary, meta)
+    (out / "recovery.md").write_text(text)
+    plots(summary, out)
+    print(text)
+    rec = recovered(summary)
+    if rec is not None and not math.isnan(rec):
+        print(f"IDP recovered {100 * rec:.0f}% of the compression gap")
+    return 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    parts = ["idp report"]
+    for key in ("model", "bank", "lora", "methods", "tasks", "limit", "seed", "dtype",
+                "batch_size", "ppl_windows", "ppl_seq_len", "out"):
+        value = getattr(args, key)
+        if value is not None:
+            parts.append(f"--{key.replace('_', '-')} {value}")
+    return " ".join(parts)

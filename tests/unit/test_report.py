@@ -1,0 +1,66 @@
+"""The recovery report's summary, recovered share, paired differences and files, on made-up
+per-item results whose averages are known."""
+
+import pytest
+
+from idp_core.report import IDP, markdown, plots, recovered, summarise
+
+
+def _raw(acc_arc, acc_piqa, params, ppl=None):
+    return {
+        "params": params,
+        "wikitext2_ppl": ppl,
+        "tasks": {
+            "arc_easy": {"kind": "multiple_choice", "group": "World knowledge", "num_items": 4,
+                         "per_item": {"acc": acc_arc, "acc_norm": acc_arc}},
+            "piqa": {"kind": "multiple_choice", "group": "Common reasoning", "num_items": 4,
+                     "per_item": {"acc": acc_piqa, "acc_norm": acc_piqa}},
+            "lambada_openai": {"kind": "last_word", "group": "Language understanding",
+                               "num_items": 2, "per_item": {"acc": [1.0, 0.0],
+                                                            "loglik": [-1.0, -3.0]}},
+        },
+    }
+
+
+@pytest.fixture
+def summary():
+    raw = {
+        "uncompressed": _raw([1, 1, 1, 1], [1, 1, 0, 0], 0, 20.0),
+        "compressed": _raw([1, 0, 0, 0], [1, 0, 0, 0], 0, 30.0),
+        IDP: _raw([1, 1, 0, 0], [1, 1, 0, 0], 1152, 25.0),
+    }
+    return summarise(raw)
+
+
+def test_averages_and_recovered_share(summary):
+    rows = summary["rows"]
+    # overall = mean over tasks of the primary metric, e.g. compressed (0.25 + 0.25 + 0.5) / 3
+    assert rows["uncompressed"]["averages"]["Average"]["value"] == pytest.approx(2 / 3)
+    assert rows["compressed"]["averages"]["Average"]["value"] == pytest.approx(1 / 3)
+    assert rows[IDP]["averages"]["Average"]["value"] == pytest.approx(1.5 / 3)
+    assert rows[IDP]["averages"]["World knowledge"]["value"] == pytest.approx(0.5)
+    assert recovered(summary) == pytest.approx(0.5)  # (1/2 - 1/3) / (2/3 - 1/3)
+    lam = rows[IDP]["tasks"]["lambada_openai"]
+    assert lam["perplexity"] == pytest.approx(2.718281828 ** 2)
+    for m in rows:
+        lo, hi = rows[m]["averages"]["Average"]["ci"]
+        assert lo <= rows[m]["averages"]["Average"]["value"] <= hi
+
+
+def test_paired_differences(summary):
+    diffs = {d["vs"]: d for d in summary["differences"]}
+    assert set(diffs) == {"uncompressed", "compressed"}
+    # IDP is never below compressed on any item, so no paired replicate can be negative
+    assert diffs["compressed"]["ci"][0] >= 0
+    assert diffs["uncompressed"]["diff"] < 0
+
+
+def test_files(summary, tmp_path):
+    meta = {"model": "m", "command": "idp report --limit 4", "git": "abc", "dtype": "bfloat16",
+            "date": "today", "limit": 4, "seed": 1, "ppl_windows": 8, "ppl_seq_len": 512}
+    text = markdown(summary, meta)
+    assert "| +IDP | 50.0 | 50.0 | 50.0 |" in text
+    assert "idp report --limit 4" in text and "1,152" in text
+    plots(summary, tmp_path)
+    assert (tmp_path / "recovery_tasks.png").stat().st_size > 1000
+    assert (tmp_path / "recovery_params.png").stat().st_size > 1000
