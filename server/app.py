@@ -96,7 +96,8 @@ def load_state(settings: Settings, metrics_registry: Any = None) -> ServingState
     aengine = AsyncEngine(engine, metrics, max_batch_size=settings.max_batch_size,
                           max_batch_tokens=settings.max_batch_tokens,
                           max_queue=settings.max_queue,
-                          static=settings.scheduling == "static")
+                          static=settings.scheduling == "static",
+                          fault_token_id=settings.fault_token_id)
     aengine.start()
     return ServingState(lm, engine, aengine, bank, name, mode, int(time.time()))
 

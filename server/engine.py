@@ -66,6 +66,7 @@ class AsyncEngine:
         max_batch_tokens: int,
         max_queue: int,
         static: bool = False,
+        fault_token_id: int = -1,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
@@ -73,6 +74,7 @@ class AsyncEngine:
         self.max_batch_tokens = max_batch_tokens
         self.max_queue = max_queue
         self.static = static  # benchmark baseline: admit only into an empty batch
+        self.fault_token_id = fault_token_id  # testing: steps holding this prompt token raise
         self._waiting: collections.deque[_Work] = collections.deque()
         self._running: dict[str, _Work] = {}
         self._cond = threading.Condition()
@@ -125,10 +127,15 @@ class AsyncEngine:
                 if self._stop:
                     return
                 admitted = self._take_admissible(batch)
-            if admitted:
-                batch = self._admit(batch, admitted)
-            if batch is not None:
-                batch = self._step(batch)
+            try:
+                if admitted:
+                    batch = self._admit(batch, admitted)
+                if batch is not None:
+                    batch = self._step(batch)
+            except Exception as e:  # never let the model thread die: fail what it held
+                log.exception("engine iteration failed; failing %d requests", len(self._running))
+                self._fail(list(self._running.values()), e)
+                batch = None
             with self._cond:
                 self.metrics.record_queue(len(self._running), len(self._waiting))
 
@@ -176,6 +183,8 @@ class AsyncEngine:
             return None
         self.metrics.record_step(len(batch.seqs), len(self._running), len(self._waiting))
         try:
+            if any(self.fault_token_id in s.request.input_ids for s in batch.seqs):
+                raise RuntimeError(f"injected fault (token {self.fault_token_id})")
             self.engine.step(batch)
         except Exception as e:  # only this step's requests fail; the server keeps serving
             works = [self._running[s.request.request_id] for s in batch.seqs]

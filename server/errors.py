@@ -121,7 +121,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        request_id = request.headers.get("x-request-id", "-")
+        request_id = getattr(request.state, "request_id", "-")
         log.exception("unhandled error (request id %s)", request_id)
         count(request, "internal")
         return JSONResponse(

@@ -87,7 +87,8 @@ async def run_level(url: str, concurrency: int, prompts: list[str], args: argpar
 
     limits = httpx.Limits(max_connections=concurrency)
     start = time.perf_counter()
-    async with httpx.AsyncClient(timeout=args.timeout_s, limits=limits) as client:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    async with httpx.AsyncClient(timeout=args.timeout_s, limits=limits, headers=headers) as client:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
     wall = time.perf_counter() - start
     ok = [s for s in stats if s.ok]
@@ -162,6 +163,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-chars", type=int, default=400)
     parser.add_argument("--timeout-s", type=float, default=300.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--api-key", default="", help="sent as 'Authorization: Bearer <key>'")
     parser.add_argument("--data", default=str(WIKITEXT))
     parser.add_argument("--out", default="docs/bench", help="folder for serving.json/.md/.png")
 

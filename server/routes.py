@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from idp_core.config import GenConfig
@@ -86,9 +87,10 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     s = serving_state(request)
     check_model(s, body.model)
     if body.messages is not None:
-        ids = chat_ids(s, [m.model_dump() for m in body.messages], body.add_generation_prompt)
+        ids = await asyncio.to_thread(chat_ids, s, [m.model_dump() for m in body.messages],
+                                      body.add_generation_prompt)
     elif body.prompt is not None:
-        ids = s.lm.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
+        ids = await asyncio.to_thread(encode, s, body.prompt, body.add_special_tokens)
     else:
         raise BadRequest("give 'prompt' or 'messages'", param="prompt")
     return {"tokens": ids, "count": len(ids), "max_model_len": s.lm.max_context}
@@ -122,7 +124,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     prompts = body.prompts()
     if not prompts:
         raise BadRequest("prompt must not be empty", param="prompt")
-    token_rows = [p if isinstance(p, list) else s.lm.tokenizer(p).input_ids for p in prompts]
+    token_rows = [p if isinstance(p, list) else await asyncio.to_thread(encode, s, p)
+                  for p in prompts]
     reqs = [make_request(s, ids, config, body.prompt_selection, request) for ids in token_rows]
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
@@ -190,7 +193,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     s = serving_state(request)
     check_model(s, body.model)
     check_stops(request, body.stop_strings())
-    ids = chat_ids(s, [m.model_dump() for m in body.messages], True)
+    ids = await asyncio.to_thread(chat_ids, s, [m.model_dump() for m in body.messages], True)
     default_max = max(1, min(512, s.lm.max_context - len(ids) - s.engine.prefix_length(
         body.prompt_selection)))
     req = make_request(s, ids, body.to_gen_config(default_max), body.prompt_selection, request)
@@ -239,13 +242,21 @@ def chat_logprobs(s: Any, entries: list[TokenLogprob] | None) -> dict[str, Any] 
                          "top_logprobs": [item(i, lp) for i, lp in e.top]} for e in entries]}
 
 
+def encode(s: Any, text: str, add_special_tokens: bool = True) -> list[int]:
+    """Tokenize off the event loop (callers use asyncio.to_thread): long prompts take a while."""
+    return list(s.lm.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+
+
 def chat_ids(s: Any, messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[int]:
     tok = s.lm.tokenizer
     if not tok.chat_template:
         raise BadRequest("this model has no chat template; use /v1/completions",
                          param="messages")
-    text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                   tokenize=False)
+    try:
+        text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                       tokenize=False)
+    except (ValueError, TypeError, TemplateError) as e:
+        raise BadRequest(f"cannot apply the chat template: {e}", param="messages") from None
     return tok(text, add_special_tokens=False).input_ids
 
 

@@ -35,4 +35,7 @@ class Settings(BaseSettings):
     strict_fingerprint: bool = False
     api_key: str = Field("", description="require 'Authorization: Bearer <key>' when set")
     metrics_require_key: bool = False
+    fault_token_id: int = Field(
+        -1, description="testing only: a decode step holding a request whose prompt contains "
+        "this token id raises (-1: off)")
     log_prompts: bool = Field(False, description="log prompt text (off: only lengths)")

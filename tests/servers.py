@@ -26,11 +26,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_tiny_artefacts(folder: Path) -> dict[str, Path]:
+def write_tiny_artefacts(folder: Path, *, max_context: int = 512) -> dict[str, Path]:
     """A tiny random Llama checkpoint (with chat template), a 3-prompt bank and a LoRA adapter."""
     from peft import LoraConfig, get_peft_model
 
-    lm = tiny_llama(seed=0)
+    lm = tiny_llama(seed=0, max_context=max_context)
     lm.tokenizer.chat_template = CHAT_TEMPLATE
     model_dir, bank_dir, lora_dir = folder / "model", folder / "bank", folder / "lora"
     lm.model.save_pretrained(model_dir)

@@ -25,7 +25,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_llama(
     *, seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
-    attn: str = "sdpa",
+    attn: str = "sdpa", max_context: int = 512,
 ) -> LoadedModel:
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -35,7 +35,7 @@ def tiny_llama(
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        max_position_embeddings=512,
+        max_position_embeddings=max_context,
         rope_theta=10000.0,
         eos_token_id=256,
         pad_token_id=256,
