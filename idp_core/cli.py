@@ -10,6 +10,8 @@ import sys
 # subcommand -> (module, one-line help). Modules import heavy libraries only when run.
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("server.__main__", "serve the OpenAI-compatible HTTP API"),
+    "loadgen": ("server.loadgen", "closed-loop streaming load against running servers"),
+    "bench": ("idp_core.bench", "latency / selection / prefix benchmarks (JSON, table, PNG)"),
     "compress": ("idp_core.compress", "GPTQ / SparseGPT compression with llm-compressor"),
     "train-prompts": ("idp_core.train", "train a bank of soft prompts on a compressed model"),
     "train-lora": ("idp_core.train", "train the LoRA baseline adapter on a compressed model"),
