@@ -249,6 +249,38 @@ def continuation_scores(res: GenResult, num_context: int) -> tuple[float, bool]:
     return loglik, greedy
 
 
+def task_requests(engine: Engine, task: Task, *, selection: str
+                  ) -> tuple[list[GenRequest], list[tuple[int, int, int]]]:
+    """The engine requests of a task and, per request, (item, option, context tokens)."""
+    tok = engine.lm.tokenizer
+    requests: list[GenRequest] = []
+    owners: list[tuple[int, int, int]] = []
+    if task.kind == "exact_match":
+        config = GenConfig(max_tokens=MAX_GEN_TOKENS, stop=STOP)
+        for i, item in enumerate(task.items):
+            ids = tok(item.prompt, add_special_tokens=False).input_ids
+            requests.append(GenRequest(ids, config, selection))
+            owners.append((i, 0, len(ids)))
+        return requests, owners
+    for i, item in enumerate(task.items):
+        for j, (context, continuation) in enumerate(item.pairs):
+            ctx, cont = encode_pair(tok, context, continuation)
+            requests.append(GenRequest(ctx + cont, _SCORE, selection))
+            owners.append((i, j, len(ctx)))
+    return requests, owners
+
+
+def run_requests(engine: Engine, requests: list[GenRequest], *, batch_size: int = 32,
+                 max_batch_tokens: int = 4096, desc: str = "", progress: bool = True
+                 ) -> list[GenResult]:
+    """Results in request order; requests go to the engine in length-sorted batches."""
+    bar = tqdm(total=len(requests), desc=desc, unit="req", disable=not progress, leave=False)
+    results = _run(engine, requests, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                   bar=bar)
+    bar.close()
+    return results
+
+
 def evaluate_task(
     engine: Engine,
     task: Task,
@@ -273,26 +305,10 @@ def evaluate_task(
         Per-item metrics: acc (and acc_norm for multiple choice), loglik for LAMBADA,
         exact_match for generation tasks.
     """
-    tok = engine.lm.tokenizer
-    requests: list[GenRequest] = []
-    owners: list[tuple[int, int, int]] = []  # (item, option, context tokens) per request
-    if task.kind == "exact_match":
-        config = GenConfig(max_tokens=MAX_GEN_TOKENS, stop=STOP)
-        for i, item in enumerate(task.items):
-            ids = tok(item.prompt, add_special_tokens=False).input_ids
-            requests.append(GenRequest(ids, config, selection))
-            owners.append((i, 0, len(ids)))
-    else:
-        for i, item in enumerate(task.items):
-            for j, (context, continuation) in enumerate(item.pairs):
-                ctx, cont = encode_pair(tok, context, continuation)
-                requests.append(GenRequest(ctx + cont, _SCORE, selection))
-                owners.append((i, j, len(ctx)))
-    bar = tqdm(total=len(requests), desc=f"{task.name} [{selection}]", unit="req",
-               disable=not progress, leave=False)
-    results = _run(engine, requests, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                   bar=bar)
-    bar.close()
+    requests, owners = task_requests(engine, task, selection=selection)
+    results = run_requests(engine, requests, batch_size=batch_size,
+                           max_batch_tokens=max_batch_tokens, desc=f"{task.name} [{selection}]",
+                           progress=progress)
     used: dict[str, int] = {}
     for res in results:
         used[res.prefix] = used.get(res.prefix, 0) + 1
