@@ -148,8 +148,9 @@ class AsyncEngine:
         taken: list[_Work] = []
         while self._waiting and rows + len(taken) < self.max_batch_size:
             work = self._waiting[0]
-            if work.cancelled:
+            if work.cancelled:  # the client left while queued
                 self._waiting.popleft()
+                self.metrics.record_error("client_disconnected")
                 continue
             if taken and tokens + work.num_tokens > self.max_batch_tokens:
                 break

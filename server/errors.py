@@ -59,6 +59,10 @@ class NotReady(APIError):
     status, type, code = 503, "server_unavailable", "warming_up"
 
 
+class ClientDisconnected(APIError):
+    status, type, code = 499, "client_disconnected", "client_disconnected"
+
+
 class Timeout(APIError):
     status, type, code = 504, "timeout", "request_timeout"
 
@@ -94,7 +98,8 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        count(request, exc.code or exc.type)
+        if not isinstance(exc, ClientDisconnected):  # the engine counts those
+            count(request, exc.code or exc.type)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from idp_core.config import GenConfig
 from idp_core.generate import GenRequest, GenResult, TokenLogprob
 from server.engine import Update
-from server.errors import BadRequest, NotReady, Timeout, UnknownModel
+from server.errors import BadRequest, ClientDisconnected, NotReady, Timeout, UnknownModel
 from server.protocol import (
     ChatCompletionRequest,
     CompletionChoice,
@@ -31,6 +32,7 @@ from server.protocol import (
 )
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 
 
 def serving_state(request: Request) -> Any:
@@ -287,6 +289,11 @@ def make_request(s: Any, ids: list[int], config: GenConfig, selection: str,
     """Build and validate a core request; limits are checked here, never in the model loop."""
     req = GenRequest(ids, config, selection,
                      request_id=f"{request.scope['state']['request_id']}-{uuid.uuid4().hex[:8]}")
+    if request.app.state.settings.log_prompts:
+        log.info("request %s: prompt %r", req.request_id, s.lm.tokenizer.decode(ids))
+    else:  # prompt text stays out of the logs unless the operator turns it on
+        log.info("request %s: %d prompt tokens, max_tokens %d, selection %s", req.request_id,
+                 len(ids), config.max_tokens, selection)
     try:
         s.engine.validate(req)
     except KeyError as e:
@@ -310,10 +317,26 @@ async def collect(s: Any, req: GenRequest, request: Request) -> GenResult:
                     return u.result
         raise RuntimeError("engine ended a request without a result")
 
+    task = asyncio.create_task(asyncio.wait_for(run(), timeout_s))
+    gone = asyncio.create_task(wait_for_disconnect(request))
     try:
-        return await asyncio.wait_for(run(), timeout_s)
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():  # the client left: cancelling frees its queue or batch slot
+            task.cancel()
+    if not task.done() or task.cancelled():
+        raise ClientDisconnected("the client disconnected")
+    try:
+        return task.result()
     except TimeoutError:
         raise Timeout(f"no result within {timeout_s} s") from None
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def merge_streams(s: Any, reqs: list[GenRequest]
