@@ -1,0 +1,83 @@
+"""`idp eval`'s multiple-choice scorer against lm-evaluation-harness: the same items, run by
+lm-eval's `local-completions` through the server (IDP selection per request) and by
+`idp_core.tasks` in-process, give the same per-choice log-likelihoods and per-item accuracy."""
+
+import json
+import math
+
+from idp_core.bank import PromptBank
+from idp_core.generate import Engine
+from idp_core.kv import precompute_prompt_kv
+from idp_core.model import load_model
+from idp_core.tasks import (
+    continuation_scores,
+    load_task,
+    run_requests,
+    score_results,
+    task_requests,
+)
+
+# The task files' format: the query is the whole context, choices follow after " ".
+ITEMS = [
+    {"query": "Question: What is the sky?", "choices": ["blue", "green", "a cat"], "gold": 0},
+    {"query": "Question: dresser\n", "choices": ["a drawer", "wood grain  pins"], "gold": 1},
+    {"query": "Water boils at", "choices": ["100 C", "zero", "night", "ten"], "gold": 0},
+    {"query": "Question: Pick one. ", "choices": ["x", "yy"], "gold": 1},
+]
+
+TASK_YAML = """task: idp_tasks_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{query}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: gold
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def test_mc_scorer_matches_lm_eval(server, artefacts, tmp_path, monkeypatch):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = tmp_path / "arc_easy.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in ITEMS))
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir()
+    (task_dir / "idp_tasks_mc.yaml").write_text(TASK_YAML.format(data=data))
+    out = simple_evaluate(
+        model="local-completions",
+        model_args=f"base_url={server.url}/v1/completions,model=tiny,tokenizer_backend=remote,"
+                   "tokenized_requests=True,max_length=512,num_concurrent=1,max_retries=1",
+        tasks=["idp_tasks_mc"],
+        task_manager=TaskManager(include_path=str(task_dir)),
+        log_samples=True,
+        batch_size=4,
+    )
+    samples = sorted(out["samples"]["idp_tasks_mc"], key=lambda s: s["doc_id"])
+
+    lm = load_model(artefacts["model"], dtype="float32")
+    engine = Engine(lm, precompute_prompt_kv(lm.model, PromptBank.load(artefacts["bank"])))
+    task = load_task(data)
+    requests, owners = task_requests(engine, task, selection="auto")
+    results = run_requests(engine, requests, batch_size=5, progress=False)
+    ours: dict[tuple[int, int], tuple[float, bool]] = {
+        (i, j): continuation_scores(res, n)
+        for (i, j, n), res in zip(owners, results, strict=True)
+    }
+    per_item = score_results(task, owners, results)
+    for sample in samples:
+        i = sample["doc_id"]
+        for j, resp in enumerate(sample["resps"]):
+            loglik, greedy = ours[i, j]
+            assert math.isclose(resp[0][0], loglik, abs_tol=1e-4), (i, j, resp, loglik)
+            assert resp[0][1] == greedy
+        assert sample["acc"] == per_item["acc"][i]
+        assert sample["acc_norm"] == per_item["acc_norm"][i]
