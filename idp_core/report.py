@@ -44,12 +44,16 @@ def load_tasks(folder: str | Path, names: list[str] | None, *, limit: int | None
 
 
 def run_method(engine, tasks, *, selection: str, batch_size: int, ppl_ids, ppl_windows: int,
-               ppl_seq_len: int) -> dict[str, Any]:
-    """All tasks (and WikiText-2 perplexity if `ppl_ids` is given) for one selection."""
+               ppl_seq_len: int, reuse: dict[str, Any] | None = None) -> dict[str, Any]:
+    """All tasks (and WikiText-2 perplexity if `ppl_ids` is given) for one selection; tasks in
+    `reuse` (name -> saved result) are copied instead of run."""
     from idp_core.evaluate import perplexity
 
     out: dict[str, Any] = {"selection": selection, "tasks": {}}
     for task in tasks:
+        if reuse and task.name in reuse:
+            out["tasks"][task.name] = {**reuse[task.name], "reused": True}
+            continue
         start = time.perf_counter()
         res = evaluate_task(engine, task, selection=selection, batch_size=batch_size)
         res.wall_s = round(time.perf_counter() - start, 1)
@@ -264,8 +268,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bank", default=None, help="prompt bank (default: the shipped one)")
     parser.add_argument("--lora", default=None, help="LoRA adapter (default: the shipped one)")
     parser.add_argument("--methods", default=None,
-                        help="comma list. eval: none, auto, concat, prompt names, lora. report: "
-                             "uncompressed, compressed, prompt, concat, lora, idp (default all)")
+                        help="comma list. eval: none, auto, auto-item, concat, prompt names, "
+                             "lora. report: uncompressed, compressed, prompt, concat, lora, idp, "
+                             "idp-item (default all)")
     parser.add_argument("--tasks-dir", default=str(TASKS_DIR))
     parser.add_argument("--tasks", default=None, help="comma list of task names (default all)")
     parser.add_argument("--limit", type=int, default=None, help="items per task (fixed subset)")
@@ -360,12 +365,14 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def report_methods(bank, requested: list[str] | None) -> list[tuple[str, str, str]]:
     """(row name, kind, engine selection) of the grid, in the paper's row order; `requested`
-    filters by kind: uncompressed, compressed, prompt, concat, lora, idp."""
+    filters by kind: uncompressed, compressed, prompt, concat, lora, idp, idp-item (IDP chosen
+    once per item instead of per request)."""
     rows = [("uncompressed", "uncompressed", "none"), ("compressed", "compressed", "none")]
     if bank is not None:
         rows += [(f"+prompt {n} (L={L})", "prompt", n)
                  for n, L in zip(bank.names, bank.lengths, strict=True)]
-    rows += [("+concat", "concat", "concat"), ("+LoRA", "lora", "none"), (IDP, "idp", "auto")]
+    rows += [("+concat", "concat", "concat"), ("+LoRA", "lora", "none"), (IDP, "idp", "auto"),
+             (f"{IDP} per item", "idp-item", "auto-item")]
     if requested:
         unknown = set(requested) - {kind for _, kind, _ in rows}
         if unknown:
@@ -385,7 +392,8 @@ def run_report(args: argparse.Namespace) -> int:
     raw_dir.mkdir(parents=True, exist_ok=True)
     bank_path, lora_path = Path(args.bank or DEFAULT_BANK), Path(args.lora or DEFAULT_LORA)
     requested = args.methods.split(",") if args.methods else None
-    needs_bank = requested is None or bool({"prompt", "concat", "idp"} & set(requested))
+    needs_bank = requested is None or bool({"prompt", "concat", "idp", "idp-item"} &
+                                           set(requested))
     bank = PromptBank.load(bank_path) if needs_bank else None
     grid = report_methods(bank, requested)
     source = Path(args.model) if args.model else ensure_default_model()
@@ -414,13 +422,19 @@ def run_report(args: argparse.Namespace) -> int:
             if "bank" not in engines:
                 engines["bank"] = _engine(load_model(source, dtype=args.dtype), bank_path)[0]
             engine = engines["bank"]
-            if kind in ("concat", "idp"):
+            if kind in ("concat", "idp", "idp-item"):
                 params = bank.num_parameters
             elif kind == "prompt":
                 params = bank.prompts[bank.index(sel)].numel()
+        ppl_ids, reuse = _ppl_ids(engine.lm, args), None
+        if kind == "idp-item" and IDP in raw:
+            # One request per item, whose whole input is the context: per item == per request.
+            reuse = {t: r for t, r in raw[IDP]["tasks"].items() if r["kind"] == "exact_match"}
+            ppl_ids = None
         start = time.perf_counter()
-        result = run_method(engine, tasks, selection=sel, ppl_ids=_ppl_ids(engine.lm, args),
-                            **common)
+        result = run_method(engine, tasks, selection=sel, ppl_ids=ppl_ids, reuse=reuse, **common)
+        if ppl_ids is None and reuse is not None:
+            result["wikitext2_ppl"] = raw[IDP].get("wikitext2_ppl")
         raw[name] = {**result, "params": int(params), "model": engine.lm.describe(),
                      "wall_s": round(time.perf_counter() - start, 1)}
         path.write_text(json.dumps(raw[name]) + "\n")

@@ -14,16 +14,18 @@ import random
 import re
 import string
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from idp_core.config import GenConfig
 from idp_core.data import DATA_DIR
 from idp_core.generate import Engine, GenRequest, GenResult
+from idp_core.select import select_prompts
 
 TASKS_DIR = DATA_DIR / "tasks"
 TARGET_DELIMITER = " "  # lm-eval's default between context and continuation / choice
@@ -281,6 +283,49 @@ def run_requests(engine: Engine, requests: list[GenRequest], *, batch_size: int 
     return results
 
 
+AUTO_PER_ITEM = "auto-item"  # IDP chosen once per item, on the text its options share
+
+
+def select_per_item(engine: Engine, requests: list[GenRequest], owners: list[tuple[int, int, int]],
+                    *, batch_size: int = 32) -> list[GenRequest]:
+    """Requests with IDP's choice fixed per item, so all options of an item use one prompt.
+
+    The server selects per request, so a question's choices may get different prompts; here the
+    engine's own selection pass runs once on the context tokens every option of the item shares
+    (the query for multiple choice, the sentence up to the blank for WinoGrande, the context
+    for LAMBADA and generation).
+    """
+    if engine.store is None:
+        raise ValueError(f"selection {AUTO_PER_ITEM!r} needs a prompt bank")
+    shared: dict[int, list[int]] = {}
+    for (i, _, num_ctx), req in zip(owners, requests, strict=True):
+        ctx = list(req.input_ids[:num_ctx])
+        shared[i] = ctx if i not in shared else _common_prefix(shared[i], ctx)
+    items = sorted(shared)
+    chosen: dict[int, str] = {}
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        width = max(len(shared[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), engine.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for b, i in enumerate(chunk):
+            ids[b, : len(shared[i])] = torch.tensor(shared[i])
+            mask[b, : len(shared[i])] = 1
+        sel = select_prompts(engine.lm.model, engine.store, ids.to(engine.device),
+                             mask.to(engine.device), engine.select_config)
+        for i, idx in zip(chunk, sel.indices.tolist(), strict=True):
+            chosen[i] = engine.store.names[idx]
+    return [replace(req, selection=chosen[i]) for (i, _, _), req in zip(owners, requests,
+                                                                         strict=True)]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> list[int]:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[: max(n, 1)]  # the selection pass needs at least one token
+
+
 def evaluate_task(
     engine: Engine,
     task: Task,
@@ -295,8 +340,8 @@ def evaluate_task(
     Args:
         engine: the serving engine (a bank, none, or a LoRA-wrapped model).
         task: a loaded task.
-        selection: "none", "auto" (IDP, chosen per request as the server does), "concat" or a
-            prompt name.
+        selection: "none", "auto" (IDP, chosen per request as the server does), "auto-item"
+            (IDP chosen once per item), "concat" or a prompt name.
         batch_size: requests per `engine.generate` call.
         max_batch_tokens: bound on rows x longest row per call.
         progress: show a progress bar.
@@ -306,6 +351,8 @@ def evaluate_task(
         exact_match for generation tasks.
     """
     requests, owners = task_requests(engine, task, selection=selection)
+    if selection == AUTO_PER_ITEM:
+        requests = select_per_item(engine, requests, owners, batch_size=batch_size)
     results = run_requests(engine, requests, batch_size=batch_size,
                            max_batch_tokens=max_batch_tokens, desc=f"{task.name} [{selection}]",
                            progress=progress)

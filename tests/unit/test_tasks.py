@@ -231,3 +231,27 @@ def test_batched_loglik_matches_reference_per_option(tiny, tiny_bank, tiny_store
     results = engine.generate([r for r, _ in requests])
     got = [continuation_scores(res, n)[0] for res, (_, n) in zip(results, requests, strict=True)]
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_idp_per_item_uses_one_prompt_chosen_on_the_shared_context(tiny, tiny_store, tmp_path):
+    from idp_core.select import select_prompts
+    from idp_core.tasks import select_per_item, task_requests
+
+    engine = Engine(tiny, tiny_store)
+    for name, records in [("arc_easy", ITEMS_MC), ("winogrande", ITEMS_WINO)]:
+        task = _task(tmp_path, name, records)
+        requests, owners = task_requests(engine, task, selection="auto-item")
+        fixed = select_per_item(engine, requests, owners, batch_size=2)
+        for item_idx in range(len(task.items)):
+            names = {r.selection for r, o in zip(fixed, owners, strict=True) if o[0] == item_idx}
+            assert len(names) == 1
+            ctx = [r.input_ids[: o[2]] for r, o in zip(requests, owners, strict=True)
+                   if o[0] == item_idx]
+            n = 0
+            while all(len(c) > n and c[n] == ctx[0][n] for c in ctx):
+                n += 1
+            sel = select_prompts(tiny.model, tiny_store, torch.tensor([ctx[0][:n]]),
+                                 torch.ones(1, n, dtype=torch.long))
+            assert names == {tiny_store.names[int(sel.indices[0])]}
+        got = evaluate_task(engine, task, selection="auto-item", progress=False)
+        assert sum(got.prefix_used.values()) == len(requests)
