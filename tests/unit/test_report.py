@@ -3,7 +3,7 @@ per-item results whose averages are known."""
 
 import pytest
 
-from idp_core.report import IDP, markdown, plots, recovered, summarise
+from idp_core.recovery import IDP, markdown, plots, recovered, summarise
 
 
 def _raw(acc_arc, acc_piqa, params, ppl=None):

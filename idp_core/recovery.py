@@ -1,0 +1,200 @@
+"""Summarise recovery-grid results (point estimates, paired bootstrap CIs, share of the
+compression loss recovered) and render them: Table 1-style Markdown and two PNGs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from idp_core.tasks import GROUP_ORDER, PRIMARY, bootstrap_ci, bootstrap_means, lambada_perplexity
+
+NUM_BOOT = 1000
+IDP = "+IDP"
+
+
+# ---- summarising ----------------------------------------------------------------------------
+def summarise(raw: dict[str, dict[str, Any]], *, seed: int = 0) -> dict[str, Any]:
+    """Point estimates, 95% CIs and paired bootstrap replicates of every figure, per method.
+
+    Averages are unweighted means over tasks of each task's primary metric (acc, or exact
+    match); their CIs resample every task's items independently with the same indices for every
+    method, so differences between methods are paired.
+    """
+    methods = list(raw)
+    tasks = list(next(iter(raw.values()))["tasks"])
+    groups = {g: [t for t in tasks if raw[methods[0]]["tasks"][t]["group"] == g]
+              for g in (*GROUP_ORDER, "other")}
+    groups = {g: ts for g, ts in groups.items() if ts}
+    rows: dict[str, Any] = {}
+    reps: dict[str, dict[str, np.ndarray]] = {}
+    for m in methods:
+        row: dict[str, Any] = {"params": raw[m]["params"], "tasks": {}, "averages": {}}
+        reps[m] = {}
+        for t in tasks:
+            r = raw[m]["tasks"][t]
+            cell: dict[str, Any] = {"n": r["num_items"], "primary": PRIMARY[r["kind"]]}
+            for key, values in r["per_item"].items():
+                if key == "loglik":
+                    cell["perplexity"] = lambada_perplexity(values)
+                    cell["perplexity_ci"] = bootstrap_ci(
+                        values, stat=lambda s: np.exp(-s.mean(axis=1)), num=NUM_BOOT, seed=seed)
+                    continue
+                cell[key] = float(np.mean(values))
+                cell[f"{key}_ci"] = bootstrap_ci(values, num=NUM_BOOT, seed=seed)
+            reps[m][t] = bootstrap_means(r["per_item"][cell["primary"]], num=NUM_BOOT, seed=seed)
+            row["tasks"][t] = cell
+        for name, ts in [*groups.items(), ("Average", tasks)]:
+            point = float(np.mean([row["tasks"][t][row["tasks"][t]["primary"]] for t in ts]))
+            rep = np.mean([reps[m][t] for t in ts], axis=0)
+            reps[m][name] = rep
+            row["averages"][name] = {"value": point, "ci": _ci(rep)}
+        row["wikitext2_ppl"] = raw[m].get("wikitext2_ppl")
+        rows[m] = row
+    return {"methods": methods, "tasks": tasks, "groups": groups, "rows": rows,
+            "differences": differences(methods, reps)}
+
+
+def _ci(rep: np.ndarray) -> tuple[float, float]:
+    lo, hi = np.quantile(rep, [0.025, 0.975])
+    return float(lo), float(hi)
+
+
+def differences(methods: list[str], reps: dict[str, dict[str, np.ndarray]]) -> list[dict]:
+    """Paired bootstrap CI of IDP minus every other method on the overall average."""
+    if IDP not in methods:
+        return []
+    out = []
+    for m in methods:
+        if m == IDP:
+            continue
+        diff = reps[IDP]["Average"] - reps[m]["Average"]
+        out.append({"vs": m, "diff": float(np.mean(diff)), "ci": _ci(diff),
+                    "p_le_0": float(np.mean(diff <= 0))})
+    return out
+
+
+def recovered(summary: dict[str, Any], method: str = IDP) -> float | None:
+    """Share of the compression loss a method wins back: (m - compressed) / (orig - compressed)."""
+    rows = summary["rows"]
+    if not {"uncompressed", "compressed", method} <= set(rows):
+        return None
+    avg = {m: rows[m]["averages"]["Average"]["value"] for m in ("uncompressed", "compressed",
+                                                                  method)}
+    gap = avg["uncompressed"] - avg["compressed"]
+    return None if gap == 0 else (avg[method] - avg["compressed"]) / gap
+
+
+# ---- rendering ------------------------------------------------------------------------------
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
+    tasks, groups, rows = summary["tasks"], summary["groups"], summary["rows"]
+    avgs = [*groups, "Average"]
+    head = ["Method", *[f"{t} (n={rows[summary['methods'][0]]['tasks'][t]['n']})" for t in tasks],
+            *avgs, "Trainable params", "WikiText-2 ppl"]
+    lines = [f"# Accuracy recovery on {meta['model']}", "",
+             f"Command: `{meta['command']}`", "",
+             f"Git {meta['git']}, dtype {meta['dtype']}, {meta['date']}; limit {meta['limit']} "
+             f"items per task (fixed seed {meta['seed']}); `.sample` files used whole. "
+             "Accuracy in % (exact match for TriviaQA/WebQuestions, LAMBADA last-word acc); "
+             "averages are unweighted means over tasks. WikiText-2 perplexity over "
+             f"{meta['ppl_windows']} windows of {meta['ppl_seq_len']} tokens.", "",
+             "## Table 1 layout (accuracy, %)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in summary["methods"]:
+        r = rows[m]
+        cells = [pct(r["tasks"][t][r["tasks"][t]["primary"]]) for t in tasks]
+        cells += [pct(r["averages"][a]["value"]) for a in avgs]
+        ppl = r["wikitext2_ppl"]
+        cells += [f"{r['params']:,}", "-" if ppl is None else f"{ppl:.2f}"]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "## 95% bootstrap confidence intervals (%)", "",
+              "| Method | " + " | ".join([*tasks, *avgs]) + " |",
+              "|" + "---|" * (1 + len(tasks) + len(avgs))]
+    for m in summary["methods"]:
+        r = rows[m]
+        cis = [r["tasks"][t][r["tasks"][t]["primary"] + "_ci"] for t in tasks]
+        cis += [r["averages"][a]["ci"] for a in avgs]
+        lines.append(f"| {m} | " + " | ".join(f"{pct(lo)}–{pct(hi)}" for lo, hi in cis) + " |")
+    extra = [t for t in tasks if "acc_norm" in rows[summary["methods"][0]]["tasks"][t]]
+    lam = [t for t in tasks if "perplexity" in rows[summary["methods"][0]]["tasks"][t]]
+    if extra or lam:
+        lines += ["", "## acc_norm (%) and LAMBADA perplexity, with 95% CIs", "",
+                  "| Method | " + " | ".join([*(f"{t} acc_norm" for t in extra),
+                                             *(f"{t} ppl" for t in lam)]) + " |",
+                  "|" + "---|" * (1 + len(extra) + len(lam))]
+        for m in summary["methods"]:
+            c = rows[m]["tasks"]
+            cells = [f"{pct(c[t]['acc_norm'])} ({pct(c[t]['acc_norm_ci'][0])}–"
+                     f"{pct(c[t]['acc_norm_ci'][1])})" for t in extra]
+            cells += [f"{c[t]['perplexity']:.1f} ({c[t]['perplexity_ci'][0]:.1f}–"
+                      f"{c[t]['perplexity_ci'][1]:.1f})" for t in lam]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if summary["differences"]:
+        lines += ["", "## IDP minus each method, overall average (paired bootstrap)", "",
+                  "| vs | difference (points) | 95% CI | share of replicates <= 0 |",
+                  "|---|---|---|---|"]
+        for d in summary["differences"]:
+            lines.append(f"| {d['vs']} | {pct(d['diff'])} | {pct(d['ci'][0])} to "
+                         f"{pct(d['ci'][1])} | {d['p_le_0']:.3f} |")
+    rec = recovered(summary)
+    if rec is not None:
+        lines += ["", f"IDP recovers {100 * rec:.0f}% of the compression loss on the overall "
+                      "average (IDP − compressed) / (uncompressed − compressed)."]
+    lines += ["", "Figures: `recovery_tasks.png` (per task, 95% CIs), `recovery_params.png` "
+                  "(average accuracy vs trainable parameters, the paper's Figure 4)."]
+    return "\n".join(lines) + "\n"
+
+
+def plots(summary: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods, rows = summary["methods"], summary["rows"]
+    cols = [*summary["tasks"], *summary["groups"], "Average"]
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(cols) * len(methods) / 4), 4.8))
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        vals, los, his = [], [], []
+        for c in cols:
+            if c in rows[m]["tasks"]:
+                cell = rows[m]["tasks"][c]
+                v, (lo, hi) = cell[cell["primary"]], cell[cell["primary"] + "_ci"]
+            else:
+                v, (lo, hi) = rows[m]["averages"][c]["value"], rows[m]["averages"][c]["ci"]
+            vals.append(100 * v)
+            los.append(100 * (v - lo))
+            his.append(100 * (hi - v))
+        ax.bar([j + i * width for j in range(len(cols))], vals, width, yerr=[los, his],
+               capsize=1.5, label=m, error_kw={"lw": 0.6})
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))],
+                  [c.replace(" ", "\n") for c in cols], fontsize=7)
+    ax.set_ylabel("accuracy % (95% bootstrap CI)")
+    ax.set_title("Accuracy by task and recovery method")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "recovery_tasks.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for m in methods:
+        a = rows[m]["averages"]["Average"]
+        x = max(rows[m]["params"], 1)
+        ax.errorbar([x], [100 * a["value"]], yerr=[[100 * (a["value"] - a["ci"][0])],
+                                                   [100 * (a["ci"][1] - a["value"])]],
+                    fmt="o", capsize=3, label=m)
+        ax.annotate(m, (x, 100 * a["value"]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log; 0 plotted at 1)")
+    ax.set_ylabel("average accuracy % (95% CI)")
+    ax.set_title("Average accuracy vs trainable parameters")
+    fig.tight_layout()
+    fig.savefig(out / "recovery_params.png", dpi=120)
+    plt.close(fig)
