@@ -83,6 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="eval: JSON file; report: folder")
     parser.add_argument("--render-only", action="store_true",
                         help="report: rebuild Markdown/PNG/JSON from the saved raw results")
+    parser.add_argument("--notes", default=None,
+                        help="report: a Markdown file appended to recovery.md (findings)")
 
 
 def _git() -> str:
@@ -247,6 +249,8 @@ def run_report(args: argparse.Namespace) -> int:
     (out / "recovery.json").write_text(json.dumps({"meta": meta, "summary": summary},
                                                   indent=1, default=float) + "\n")
     text = markdown(summary, meta)
+    if args.notes:
+        text += "\n" + Path(args.notes).read_text()
     (out / "recovery.md").write_text(text)
     plots(summary, out)
     print(text)
