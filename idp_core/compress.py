@@ -210,9 +210,11 @@ def compress(
     log.info("compressing %s with %s on %d x %d calibration tokens",
              lm.name, config.label(), config.num_samples, config.seq_len)
     t0 = time.perf_counter()
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
     with tempfile.TemporaryDirectory() as config_dir, torch.enable_grad():
-        # oneshot re-reads config.json from config.name_or_path; a GGUF folder has none.
-        name_or_path = lm.model.config._name_or_path
+        # oneshot re-reads config.json from config.name_or_path, and saving copies any .py
+        # files found there: point it at a folder holding only the config (a GGUF has none).
         lm.model.config.save_pretrained(config_dir)
         lm.model.config._name_or_path = config_dir
         oneshot(
@@ -225,12 +227,9 @@ def compress(
             shuffle_calibration_samples=False,
             batch_size=min(8, config.num_samples),
         )
-        lm.model.config._name_or_path = name_or_path
-    compress_s = time.perf_counter() - t0
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    lm.model.save_pretrained(partial, save_compressed=True)
-    lm.tokenizer.save_pretrained(partial)
+        compress_s = time.perf_counter() - t0
+        lm.model.save_pretrained(partial, save_compressed=True)
+        lm.tokenizer.save_pretrained(partial)
     del lm
 
     reloaded = load_model(partial, dtype="float32")

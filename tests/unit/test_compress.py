@@ -85,6 +85,13 @@ def test_compress_is_restartable(tiny_folder, gptq3):
     assert not is_done(out, config, "another-model")
 
 
+def test_gptq_rebuild_is_bit_identical(tiny_folder, gptq3, tmp_path):
+    """The default model is rebuilt on each machine: the same recipe must give the same weights."""
+    config, out = gptq3
+    again = compress(tiny_folder, tmp_path / "again", config)
+    assert load_model(again).fingerprint == load_model(out).fingerprint
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [({"method": "awq"}, "method"), ({"bits": 1}, "bits"), ({"sparsity": 1.0}, "sparsity"),
