@@ -49,16 +49,22 @@ def ensure_default_model(*, force: bool = False) -> Path:
     return out
 
 
-def check_default_bank(model_dir: Path = DEFAULT_MODEL_DIR) -> bool:
-    """Warn unless the shipped bank was trained on exactly these weights (compress.json's hash)."""
+def check_default_bank(model_dir: Path = DEFAULT_MODEL_DIR, *, dtype: str = "bfloat16") -> bool:
+    """Warn unless the shipped bank was trained on exactly these weights, as loaded in `dtype`.
+
+    The bank was trained on the bfloat16 load (the serving default); a float32 load
+    dequantizes with other rounding and so has another fingerprint.
+    """
+    from idp_core.model import load_model
+
     manifest = DEFAULT_BANK / "manifest.json"
-    if not manifest.is_file() or not (model_dir / REPORT_FILE).is_file():
+    if not manifest.is_file():
         return False
-    built = json.loads((model_dir / REPORT_FILE).read_text()).get("fingerprint")
+    built = load_model(model_dir, dtype=dtype).fingerprint.to_dict()
     trained = json.loads(manifest.read_text()).get("fingerprint")
     if built != trained:
-        log.warning("WARNING the rebuilt default model's weights differ from those the default "
-                    "bank was trained on (GPTQ on this machine is not bit-identical)")
+        log.warning("WARNING the default model's weights (%s load) differ from those the default "
+                    "bank was trained on", dtype)
         return False
     return True
 

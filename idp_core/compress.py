@@ -263,7 +263,12 @@ def compress(
             "before": ppl_before,
             "after": ppl_after,
         },
-        "fingerprint": reloaded.fingerprint.to_dict(),
+        # Dequantizing in bf16 rounds differently from fp32-then-cast, so the fingerprint
+        # (which a bank records) depends on the load dtype: keep both.
+        "fingerprint": {
+            "float32": reloaded.fingerprint.to_dict(),
+            "bfloat16": load_model(partial, dtype="bfloat16").fingerprint.to_dict(),
+        },
     }
     (partial / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     if out_dir.exists():

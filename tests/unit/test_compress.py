@@ -60,7 +60,8 @@ def test_gptq_end_to_end_reloads_on_the_grid(tiny_folder, gptq3):
     assert report["library"]["llmcompressor"]
     assert math.isfinite(report["perplexity"]["before"])
     assert math.isfinite(report["perplexity"]["after"])
-    assert report["fingerprint"] == lm.fingerprint.to_dict()
+    assert report["fingerprint"]["float32"] == lm.fingerprint.to_dict()
+    assert report["fingerprint"]["bfloat16"] == load_model(out).fingerprint.to_dict()
 
 
 @pytest.mark.parametrize("mask", ["unstructured", "2:4"])
