@@ -62,17 +62,29 @@ def _ci(rep: np.ndarray) -> tuple[float, float]:
 
 
 def differences(methods: list[str], reps: dict[str, dict[str, np.ndarray]]) -> list[dict]:
-    """Paired bootstrap CI of IDP minus every other method on the overall average."""
-    if IDP not in methods:
-        return []
+    """Paired bootstrap CIs on the overall average: the compression gap (uncompressed minus
+    compressed), then IDP minus every other method."""
+    pairs = [("uncompressed", "compressed")] if {"uncompressed", "compressed"} <= set(methods) \
+        else []
+    if IDP in methods:
+        pairs += [(IDP, m) for m in methods if m != IDP]
     out = []
-    for m in methods:
-        if m == IDP:
-            continue
-        diff = reps[IDP]["Average"] - reps[m]["Average"]
-        out.append({"vs": m, "diff": float(np.mean(diff)), "ci": _ci(diff),
+    for a, b in pairs:
+        diff = reps[a]["Average"] - reps[b]["Average"]
+        out.append({"a": a, "b": b, "diff": float(np.mean(diff)), "ci": _ci(diff),
                     "p_le_0": float(np.mean(diff <= 0))})
     return out
+
+
+def recovered_ppl(summary: dict[str, Any], method: str = IDP) -> float | None:
+    """Share of the WikiText-2 perplexity increase a method wins back (in perplexity)."""
+    rows = summary["rows"]
+    if not {"uncompressed", "compressed", method} <= set(rows):
+        return None
+    ppl = {m: rows[m]["wikitext2_ppl"] for m in ("uncompressed", "compressed", method)}
+    if any(v is None for v in ppl.values()) or ppl["compressed"] == ppl["uncompressed"]:
+        return None
+    return (ppl["compressed"] - ppl[method]) / (ppl["compressed"] - ppl["uncompressed"])
 
 
 def recovered(summary: dict[str, Any], method: str = IDP) -> float | None:
@@ -135,16 +147,23 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
                       f"{c[t]['perplexity_ci'][1]:.1f})" for t in lam]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if summary["differences"]:
-        lines += ["", "## IDP minus each method, overall average (paired bootstrap)", "",
-                  "| vs | difference (points) | 95% CI | share of replicates <= 0 |",
+        lines += ["", "## Differences on the overall average (paired bootstrap, points)", "",
+                  "| difference | points | 95% CI | share of replicates <= 0 |",
                   "|---|---|---|---|"]
         for d in summary["differences"]:
-            lines.append(f"| {d['vs']} | {pct(d['diff'])} | {pct(d['ci'][0])} to "
+            lines.append(f"| {d['a']} − {d['b']} | {pct(d['diff'])} | {pct(d['ci'][0])} to "
                          f"{pct(d['ci'][1])} | {d['p_le_0']:.3f} |")
-    rec = recovered(summary)
-    if rec is not None:
-        lines += ["", f"IDP recovers {100 * rec:.0f}% of the compression loss on the overall "
-                      "average (IDP − compressed) / (uncompressed − compressed)."]
+    recovering = [m for m in summary["methods"] if m not in ("uncompressed", "compressed")
+                  and recovered(summary, m) is not None]
+    if recovering:
+        lines += ["", "## Share of the compression loss recovered", ""]
+    for m in recovering:
+        rec, rec_ppl = recovered(summary, m), recovered_ppl(summary, m)
+        assert rec is not None
+        lines.append(f"- {m} recovers {100 * rec:.0f}% of the average-accuracy loss "
+                     "((m − compressed) / (uncompressed − compressed))"
+                     + ("" if rec_ppl is None else
+                        f" and {100 * rec_ppl:.0f}% of the WikiText-2 perplexity increase") + ".")
     lines += ["", "Figures: `recovery_tasks.png` (per task, 95% CIs), `recovery_params.png` "
                   "(average accuracy vs trainable parameters, the paper's Figure 4)."]
     return "\n".join(lines) + "\n"

@@ -48,7 +48,9 @@ def test_averages_and_recovered_share(summary):
 
 
 def test_paired_differences(summary):
-    diffs = {d["vs"]: d for d in summary["differences"]}
+    gap = summary["differences"][0]
+    assert (gap["a"], gap["b"]) == ("uncompressed", "compressed") and gap["diff"] > 0
+    diffs = {d["b"]: d for d in summary["differences"] if d["a"] == IDP}
     assert set(diffs) == {"uncompressed", "compressed"}
     # IDP is never below compressed on any item, so no paired replicate can be negative
     assert diffs["compressed"]["ci"][0] >= 0
@@ -61,6 +63,9 @@ def test_files(summary, tmp_path):
     text = markdown(summary, meta)
     assert "| +IDP | 50.0 | 50.0 | 50.0 |" in text
     assert "idp report --limit 4" in text and "1,152" in text
+    # ppl 30 -> 25 of the 30 -> 20 increase: half of it won back
+    assert "+IDP recovers 50% of the average-accuracy loss" in text
+    assert "and 50% of the WikiText-2 perplexity increase" in text
     plots(summary, tmp_path)
     assert (tmp_path / "recovery_tasks.png").stat().st_size > 1000
     assert (tmp_path / "recovery_params.png").stat().st_size > 1000
