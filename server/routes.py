@@ -196,8 +196,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     check_model(s, body.model)
     check_stops(request, body.stop_strings())
     ids = await asyncio.to_thread(chat_ids, s, [m.model_dump() for m in body.messages], True)
-    default_max = max(1, min(512, s.lm.max_context - len(ids) - s.engine.prefix_length(
-        body.prompt_selection)))
+    default_max = max(1, min(512, s.lm.max_context - len(ids) - prefix_length(
+        s, body.prompt_selection)))
     req = make_request(s, ids, body.to_gen_config(default_max), body.prompt_selection, request)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
@@ -282,6 +282,13 @@ def check_stops(request: Request, stops: tuple[str, ...]) -> None:
         raise BadRequest(f"at most {limit} stop strings, got {len(stops)}", param="stop")
     if any(not x for x in stops):
         raise BadRequest("stop strings must not be empty", param="stop")
+
+
+def prefix_length(s: Any, selection: str) -> int:
+    try:
+        return int(s.engine.prefix_length(selection))
+    except KeyError as e:
+        raise BadRequest(str(e.args[0]), param="prompt_selection") from None
 
 
 def make_request(s: Any, ids: list[int], config: GenConfig, selection: str,
