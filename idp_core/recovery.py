@@ -193,7 +193,7 @@ def plots(summary: dict[str, Any], out: Path) -> None:
         ax.bar([j + i * width for j in range(len(cols))], vals, width, yerr=[los, his],
                capsize=1.5, label=m, error_kw={"lw": 0.6})
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))],
-                  [c.replace(" ", "\n") for c in cols], fontsize=7)
+                  cols, fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("accuracy % (95% bootstrap CI)")
     ax.set_title("Accuracy by task and recovery method")
     ax.legend(fontsize=7, ncol=2)
@@ -204,14 +204,19 @@ def plots(summary: dict[str, Any], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for m in methods:
         a = rows[m]["averages"]["Average"]
-        x = max(rows[m]["params"], 1)
+        if rows[m]["params"] == 0:  # no trainable parameters: a reference level
+            ax.axhline(100 * a["value"], ls="--", lw=1, color="grey" if m == "compressed"
+                       else "black", label=f"{m} ({100 * a['value']:.1f})")
+            continue
+        x = rows[m]["params"]
         ax.errorbar([x], [100 * a["value"]], yerr=[[100 * (a["value"] - a["ci"][0])],
                                                    [100 * (a["ci"][1] - a["value"])]],
                     fmt="o", capsize=3, label=m)
         ax.annotate(m, (x, 100 * a["value"]), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log; 0 plotted at 1)")
+    ax.set_xlabel("trainable parameters (log)")
+    ax.legend(fontsize=7)
     ax.set_ylabel("average accuracy % (95% CI)")
     ax.set_title("Average accuracy vs trainable parameters")
     fig.tight_layout()
