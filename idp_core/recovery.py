@@ -34,7 +34,8 @@ def summarise(raw: dict[str, dict[str, Any]], *, seed: int = 0) -> dict[str, Any
         reps[m] = {}
         for t in tasks:
             r = raw[m]["tasks"][t]
-            cell: dict[str, Any] = {"n": r["num_items"], "primary": PRIMARY[r["kind"]]}
+            cell: dict[str, Any] = {"n": r["num_items"], "primary": PRIMARY[r["kind"]],
+                                    "prefix_used": r.get("prefix_used", {})}
             for key, values in r["per_item"].items():
                 if key == "loglik":
                     cell["perplexity"] = lambada_perplexity(values)
@@ -153,6 +154,18 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         for d in summary["differences"]:
             lines.append(f"| {d['a']} − {d['b']} | {pct(d['diff'])} | {pct(d['ci'][0])} to "
                          f"{pct(d['ci'][1])} | {d['p_le_0']:.3f} |")
+    idp_rows = [m for m in summary["methods"] if m.startswith(IDP)]
+    if idp_rows:
+        lines += ["", "## Which prompt IDP chose (share of requests)", "",
+                  "| Method | " + " | ".join(tasks) + " |", "|" + "---|" * (1 + len(tasks))]
+        for m in idp_rows:
+            cells = []
+            for t in tasks:
+                used = rows[m]["tasks"][t]["prefix_used"]
+                total = sum(used.values()) or 1
+                cells.append(", ".join(f"{k} {100 * v / total:.0f}%"
+                                       for k, v in sorted(used.items())))
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     recovering = [m for m in summary["methods"] if m not in ("uncompressed", "compressed")
                   and recovered(summary, m) is not None]
     if recovering:

@@ -12,7 +12,8 @@ def _raw(acc_arc, acc_piqa, params, ppl=None):
         "wikitext2_ppl": ppl,
         "tasks": {
             "arc_easy": {"kind": "multiple_choice", "group": "World knowledge", "num_items": 4,
-                         "per_item": {"acc": acc_arc, "acc_norm": acc_arc}},
+                         "per_item": {"acc": acc_arc, "acc_norm": acc_arc},
+                         "prefix_used": {"p0": 3, "p1": 1}},
             "piqa": {"kind": "multiple_choice", "group": "Common reasoning", "num_items": 4,
                      "per_item": {"acc": acc_piqa, "acc_norm": acc_piqa}},
             "lambada_openai": {"kind": "last_word", "group": "Language understanding",
@@ -66,6 +67,7 @@ def test_files(summary, tmp_path):
     # ppl 30 -> 25 of the 30 -> 20 increase: half of it won back
     assert "+IDP recovers 50% of the average-accuracy loss" in text
     assert "and 50% of the WikiText-2 perplexity increase" in text
+    assert "p0 75%, p1 25%" in text
     plots(summary, tmp_path)
     assert (tmp_path / "recovery_tasks.png").stat().st_size > 1000
     assert (tmp_path / "recovery_params.png").stat().st_size > 1000
