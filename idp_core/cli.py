@@ -11,6 +11,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("server.__main__", "serve the OpenAI-compatible HTTP API"),
     "loadgen": ("server.loadgen", "closed-loop streaming load against running servers"),
+    "soak": ("server.soak", "bounded load/soak test past capacity: errors, latency, leaks"),
     "bench": ("idp_core.bench", "latency / selection / prefix benchmarks (JSON, table, PNG)"),
     "compress": ("idp_core.compress", "GPTQ / SparseGPT compression with llm-compressor"),
     "train-prompts": ("idp_core.train", "train a bank of soft prompts on a compressed model"),

@@ -35,7 +35,9 @@ class Update:
 
 
 @dataclass
-class _Work:
+class Submission:
+    """A queued or running request and the channel its updates travel back on."""
+
     request: GenRequest
     loop: asyncio.AbstractEventLoop
     updates: asyncio.Queue[Update]
@@ -75,8 +77,8 @@ class AsyncEngine:
         self.max_queue = max_queue
         self.static = static  # benchmark baseline: admit only into an empty batch
         self.fault_token_id = fault_token_id  # testing: steps holding this prompt token raise
-        self._waiting: collections.deque[_Work] = collections.deque()
-        self._running: dict[str, _Work] = {}
+        self._waiting: collections.deque[Submission] = collections.deque()
+        self._running: dict[str, Submission] = {}
         self._cond = threading.Condition()
         self._stop = False
         self.draining = False
@@ -97,17 +99,22 @@ class AsyncEngine:
         with self._cond:
             return len(self._waiting) + len(self._running)
 
-    async def generate(self, request: GenRequest, *, stream: bool) -> AsyncIterator[Update]:
-        """Queue a validated request and yield its updates; cancelling the iteration (client
-        gone) frees its batch slot at the next step."""
+    def submit(self, request: GenRequest, *, stream: bool) -> Submission:
+        """Queue a validated request, or refuse it now (before any response has started)."""
         if self.draining:
             raise ServerDraining("the server is shutting down")
-        work = _Work(request, asyncio.get_running_loop(), asyncio.Queue(), stream)
+        work = Submission(request, asyncio.get_running_loop(), asyncio.Queue(), stream)
         with self._cond:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"the wait queue is full ({self.max_queue} requests)")
             self._waiting.append(work)
             self._cond.notify()
+        return work
+
+    @staticmethod
+    async def updates(work: Submission) -> AsyncIterator[Update]:
+        """A submission's updates until its result or error; leaving the iteration early
+        (client gone) frees its queue or batch slot at the next step."""
         try:
             while True:
                 update = await work.updates.get()
@@ -139,13 +146,13 @@ class AsyncEngine:
             with self._cond:
                 self.metrics.record_queue(len(self._running), len(self._waiting))
 
-    def _take_admissible(self, batch: Batch | None) -> list[_Work]:
+    def _take_admissible(self, batch: Batch | None) -> list[Submission]:
         """Pop waiting requests that fit the batch limits (called with the lock held)."""
         if self.static and batch is not None:
             return []
         rows = 0 if batch is None else len(batch.seqs)
         tokens = sum(w.num_tokens for w in self._running.values())
-        taken: list[_Work] = []
+        taken: list[Submission] = []
         while self._waiting and rows + len(taken) < self.max_batch_size:
             work = self._waiting[0]
             if work.cancelled:  # the client left while queued
@@ -160,7 +167,7 @@ class AsyncEngine:
             taken.append(self._waiting.popleft())
         return taken
 
-    def _admit(self, batch: Batch | None, works: list[_Work]) -> Batch | None:
+    def _admit(self, batch: Batch | None, works: list[Submission]) -> Batch | None:
         now = time.perf_counter()
         for w in works:
             w.admitted = now
@@ -206,7 +213,7 @@ class AsyncEngine:
                 continue  # finished rows get everything with their result
             self._push_delta(work, s, final=False)
 
-    def _push_delta(self, work: _Work, s: Sequence, *, final: bool) -> None:
+    def _push_delta(self, work: Submission, s: Sequence, *, final: bool) -> None:
         text = self.engine.text(s)
         if not final:
             # hold back an incomplete UTF-8 character and a possible stop-string prefix
@@ -235,7 +242,7 @@ class AsyncEngine:
                 self._push_delta(work, s, final=True)
             work.push(Update(result=result))
 
-    def _fail(self, works: list[_Work], error: Exception) -> None:
+    def _fail(self, works: list[Submission], error: Exception) -> None:
         for w in works:
             self._running.pop(w.request.request_id, None)
             self.metrics.record_error("engine_error")

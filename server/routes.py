@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from idp_core.config import GenConfig
 from idp_core.generate import GenRequest, GenResult, TokenLogprob
-from server.engine import Update
+from server.engine import Submission, Update
 from server.errors import BadRequest, ClientDisconnected, NotReady, Timeout, UnknownModel
 from server.protocol import (
     ChatCompletionRequest,
@@ -130,18 +130,19 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
                   for p in prompts]
     reqs = [make_request(s, ids, config, body.prompt_selection, request) for ids in token_rows]
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    works = submit_all(s, reqs, stream=body.stream)
     if body.stream:
-        return sse(stream_completions(s, reqs, rid, created))
-    results = await asyncio.gather(*(collect(s, r, request) for r in reqs))
+        return sse(stream_completions(s, works, rid, created))
+    results = await collect_all(s, works, request)
     choices = [completion_choice(s, i, r) for i, r in enumerate(results)]
     return JSONResponse(CompletionResponse(
         id=rid, created=created, model=s.model_name, choices=choices, usage=usage(results),
     ).model_dump())
 
 
-async def stream_completions(s: Any, reqs: list[GenRequest], rid: str,
+async def stream_completions(s: Any, works: list[Submission], rid: str,
                              created: int) -> AsyncIterator[dict[str, Any]]:
-    async for index, update in merge_streams(s, reqs):
+    async for index, update in merge_streams(s, works):
         choice: dict[str, Any] = {"index": index, "text": update.text, "finish_reason": None,
                                   "logprobs": None}
         if update.logprobs:
@@ -150,7 +151,7 @@ async def stream_completions(s: Any, reqs: list[GenRequest], rid: str,
             r = update.result
             choice.update(finish_reason=r.finish_reason, prompt_used=r.prefix,
                           selection_scores=r.scores)
-            if reqs[index].config.echo:
+            if works[index].request.config.echo:
                 choice["text"] = s.lm.tokenizer.decode(r.input_ids) + choice["text"]
         yield {"id": rid, "object": "text_completion", "created": created,
                "model": s.model_name, "choices": [choice]}
@@ -200,9 +201,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         s, body.prompt_selection)))
     req = make_request(s, ids, body.to_gen_config(default_max), body.prompt_selection, request)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    works = submit_all(s, [req], stream=body.stream)
     if body.stream:
-        return sse(stream_chat(s, req, rid, created))
-    r = await collect(s, req, request)
+        return sse(stream_chat(s, works[0], rid, created))
+    r = (await collect_all(s, works, request))[0]
     choice = {"index": 0, "message": {"role": "assistant", "content": r.text},
               "logprobs": chat_logprobs(s, r.output_logprobs), "finish_reason": r.finish_reason,
               "prompt_used": r.prefix, "selection_scores": r.scores}
@@ -211,7 +213,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                          "usage": usage([r]).model_dump()})
 
 
-async def stream_chat(s: Any, req: GenRequest, rid: str,
+async def stream_chat(s: Any, work: Submission, rid: str,
                       created: int) -> AsyncIterator[dict[str, Any]]:
     def chunk(delta: dict[str, Any], **extra: Any) -> dict[str, Any]:
         choice = {"index": 0, "delta": delta, "finish_reason": None, **extra}
@@ -219,7 +221,7 @@ async def stream_chat(s: Any, req: GenRequest, rid: str,
                 "model": s.model_name, "choices": [choice]}
 
     yield chunk({"role": "assistant", "content": ""})
-    async for _, update in merge_streams(s, [req]):
+    async for _, update in merge_streams(s, [work]):
         extra: dict[str, Any] = {}
         if update.logprobs:
             extra["logprobs"] = chat_logprobs(s, update.logprobs)
@@ -312,11 +314,25 @@ def make_request(s: Any, ids: list[int], config: GenConfig, selection: str,
     return req
 
 
-async def collect(s: Any, req: GenRequest, request: Request) -> GenResult:
+def submit_all(s: Any, reqs: list[GenRequest], *, stream: bool) -> list[Submission]:
+    """Queue every prompt of a request, or none: a refusal (503) comes before any response."""
+    works: list[Submission] = []
+    try:
+        for r in reqs:
+            works.append(s.aengine.submit(r, stream=stream))
+    except Exception:
+        for w in works:
+            w.cancelled = True
+        raise
+    return works
+
+
+async def collect_all(s: Any, works: list[Submission], request: Request) -> list[GenResult]:
+    """Wait for the results; a client that disconnects first cancels its requests."""
     timeout_s = request.app.state.settings.request_timeout_s
 
-    async def run() -> GenResult:
-        async with contextlib.aclosing(s.aengine.generate(req, stream=False)) as updates:
+    async def result(work: Submission) -> GenResult:
+        async with contextlib.aclosing(s.aengine.updates(work)) as updates:
             async for u in updates:
                 if u.error is not None:
                     raise u.error
@@ -324,19 +340,24 @@ async def collect(s: Any, req: GenRequest, request: Request) -> GenResult:
                     return u.result
         raise RuntimeError("engine ended a request without a result")
 
-    task = asyncio.create_task(asyncio.wait_for(run(), timeout_s))
+    task = asyncio.create_task(asyncio.wait_for(
+        asyncio.gather(*(result(w) for w in works)), timeout_s))
     gone = asyncio.create_task(wait_for_disconnect(request))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-        if not task.done():  # the client left: cancelling frees its queue or batch slot
+        if not task.done():  # the client left: cancelling frees its queue or batch slots
             task.cancel()
+            for w in works:
+                w.cancelled = True
     if not task.done() or task.cancelled():
         raise ClientDisconnected("the client disconnected")
     try:
-        return task.result()
+        return list(task.result())
     except TimeoutError:
+        for w in works:
+            w.cancelled = True
         raise Timeout(f"no result within {timeout_s} s") from None
 
 
@@ -346,26 +367,19 @@ async def wait_for_disconnect(request: Request) -> None:
         pass
 
 
-async def merge_streams(s: Any, reqs: list[GenRequest]
+async def merge_streams(s: Any, works: list[Submission]
                         ) -> AsyncIterator[tuple[int, Update]]:
-    """Updates of several requests as they come, tagged with the request's index."""
-    if len(reqs) == 1:
-        async with contextlib.aclosing(s.aengine.generate(reqs[0], stream=True)) as updates:
-            async for u in updates:
-                if u.error is not None:
-                    raise u.error
-                yield 0, u
-        return
+    """Updates of several submissions as they come, tagged with the submission's index."""
     queue: asyncio.Queue[tuple[int, Update]] = asyncio.Queue()
 
-    async def pump(i: int, req: GenRequest) -> None:
-        async with contextlib.aclosing(s.aengine.generate(req, stream=True)) as updates:
+    async def pump(i: int, work: Submission) -> None:
+        async with contextlib.aclosing(s.aengine.updates(work)) as updates:
             async for u in updates:
                 await queue.put((i, u))
 
-    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
+    tasks = [asyncio.create_task(pump(i, w)) for i, w in enumerate(works)]
     try:
-        remaining = len(reqs)
+        remaining = len(works)
         while remaining:
             i, u = await queue.get()
             if u.error is not None:
@@ -375,6 +389,8 @@ async def merge_streams(s: Any, reqs: list[GenRequest]
     finally:
         for t in tasks:
             t.cancel()
+        for w in works:  # no-op for finished ones; frees the slots of the rest
+            w.cancelled = True
 
 
 def sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,8 +53,10 @@ class RemoteServer:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "server", "--port", str(self.port), "--dtype", "float32",
                *args]
+        # A file, not a pipe: an unread pipe fills up and blocks the server's logging.
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="idp-server-", suffix=".log")
         self.proc = subprocess.Popen(
-            cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+            cmd, env={**os.environ, **(env or {})}, stdout=self.log,
             stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parents[1],
         )
         if wait_ready:
@@ -64,7 +67,7 @@ class RemoteServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n"
-                                   f"{self.proc.stdout.read()}")
+                                   f"{self.output()}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
@@ -85,5 +88,6 @@ class RemoteServer:
         return int(self.proc.returncode)
 
     def output(self) -> str:
+        """Everything the server logged (stops it first)."""
         self.stop()
-        return self.proc.stdout.read()
+        return Path(self.log.name).read_text()
