@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from idp_core.config import GenConfig
+from idp_core.config import GenConfig, SelectConfig
 from idp_core.generate import Engine, GenRequest
 
 _SCORE_ONLY = GenConfig(max_tokens=0, echo=True, logprobs=0)
@@ -117,6 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-windows", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--score", default="mean", choices=["mean", "sum"],
+                        help="IDP scoring rule for 'auto' (SelectConfig.score)")
     parser.add_argument("--out", default=None, help="write the JSON result here too")
 
 
@@ -148,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
         lm.model = PeftModel.from_pretrained(lm.model, args.lora).eval()
         method = "lora"
         selections = ["none"]
-    engine = Engine(lm, store, method_without_bank=method)
+    engine = Engine(lm, store, select_config=SelectConfig(score=args.score),
+                    method_without_bank=method)
     if args.data:
         ids = lm.tokenizer("\n\n".join(read_texts(args.data)), add_special_tokens=False)
         ids = torch.tensor(ids["input_ids"], dtype=torch.long)
@@ -177,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
         "seq_len": args.seq_len,
         "max_windows": args.max_windows,
         "dtype": args.dtype,
+        "idp_score": args.score,
         "results": results,
     }
     text = json.dumps(report, indent=2)

@@ -340,6 +340,7 @@ def run(args: argparse.Namespace) -> int:
         fp = lm.fingerprint.to_dict()
         model, stats = train_lora(lm, chunks, config)
         model.save_pretrained(out)  # adapter_model.safetensors + adapter_config.json
+        (out / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
         num_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
         meta = {
             "method": "lora",
