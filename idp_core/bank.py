@@ -126,6 +126,8 @@ class PromptBank:
             tensors = load_file(str(weights_path))  # safetensors only: nothing is unpickled
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise BankError(f"{weights_path}: corrupt or truncated safetensors file ({e})") from e
+        if len(names) != len(lengths):
+            raise BankError(f"{manifest_path}: {len(names)} names but {len(lengths)} lengths")
         prompts = []
         for name, n in zip(names, lengths, strict=True):
             p = tensors.get(f"prompt.{name}")

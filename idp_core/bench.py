@@ -29,9 +29,9 @@ from idp_core.data import load_wikitext2
 from idp_core.generate import Engine, GenRequest
 from idp_core.kv import precompute_prompt_kv
 from idp_core.model import LoadedModel, load_model
+from idp_core.train import LORA_TARGETS
 
 log = logging.getLogger(__name__)
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)

@@ -278,11 +278,15 @@ class Engine:
             s.finish_reason = "length"
 
     def _find_stop(self, s: Sequence) -> bool:
+        # A stop string ending at the new token lies within its last len(stop) characters, so
+        # decode only a tail of tokens (>= 1 character each, +8 for byte-level pieces).
+        tail_tokens = max(len(x) for x in s.config.stop) + 8
+        tail = self.decode(s.output_ids[-tail_tokens:])
+        if not any(stop in tail for stop in s.config.stop):
+            return False
         text = self.decode(s.output_ids)
-        hits = [i for i in (text.find(stop) for stop in s.config.stop) if i >= 0]
-        if hits:
-            s.stop_at = min(hits)
-        return bool(hits)
+        s.stop_at = min(i for i in (text.find(stop) for stop in s.config.stop) if i >= 0)
+        return True
 
     def decode(self, ids: list[int]) -> str:
         return self.lm.tokenizer.decode(ids, skip_special_tokens=True)

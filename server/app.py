@@ -164,13 +164,35 @@ class GuardMiddleware:
                 await _reject(send_with_id, 401, "missing or invalid API key",
                               "authentication_error", "invalid_api_key")
                 return
-        length = headers.get("content-length", "0")
-        if not length.isdigit() or int(length) > self.max_body:
+        length = headers.get("content-length")
+        too_large = length is not None and (not length.isdigit() or int(length) > self.max_body)
+        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            # chunked upload: read it here, up to the limit, and replay it to the app
+            body, more = b"", True
+            while more and len(body) <= self.max_body:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+            too_large = len(body) > self.max_body
+            receive = _replay(body, receive)
+        if too_large:
             await _reject(send_with_id, 413, f"request body over {self.max_body} bytes",
                           "invalid_request_error", "request_too_large")
             return
         scope.setdefault("state", {})["request_id"] = request_id
         await self.app(scope, receive, send_with_id)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive() that yields an already-read body once, then defers to the client's."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
 
 
 async def _reject(send: Send, status: int, message: str, type_: str, code: str) -> None:

@@ -16,8 +16,10 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import torch
+
 from idp_core.generate import Batch, Engine, GenRequest, GenResult, Sequence, TokenLogprob
-from server.errors import EngineStepError, QueueFull, ServerDraining
+from server.errors import EngineStepError, OutOfMemory, QueueFull, ServerDraining
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -94,17 +96,17 @@ class AsyncEngine:
             self._cond.notify()
         self._thread.join(timeout_s)
 
-    @property
-    def num_in_flight(self) -> int:
-        with self._cond:
-            return len(self._waiting) + len(self._running)
-
     def submit(self, request: GenRequest, *, stream: bool) -> Submission:
         """Queue a validated request, or refuse it now (before any response has started)."""
         if self.draining:
             raise ServerDraining("the server is shutting down")
         work = Submission(request, asyncio.get_running_loop(), asyncio.Queue(), stream)
         with self._cond:
+            if len(self._waiting) >= self.max_queue:  # drop clients that already left
+                gone = [w for w in self._waiting if w.cancelled]
+                for w in gone:
+                    self._waiting.remove(w)
+                    self.metrics.record_error("client_disconnected")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"the wait queue is full ({self.max_queue} requests)")
             self._waiting.append(work)
@@ -243,7 +245,11 @@ class AsyncEngine:
             work.push(Update(result=result))
 
     def _fail(self, works: list[Submission], error: Exception) -> None:
+        oom = isinstance(error, torch.cuda.OutOfMemoryError)
+        if oom:
+            torch.cuda.empty_cache()  # keep serving: the next batch starts from a clean pool
         for w in works:
             self._running.pop(w.request.request_id, None)
-            self.metrics.record_error("engine_error")
-            w.push(Update(error=EngineStepError(w.request.request_id, error)))
+            rid = w.request.request_id
+            self.metrics.record_error("out_of_memory" if oom else "engine_error")
+            w.push(Update(error=OutOfMemory(rid) if oom else EngineStepError(rid, error)))

@@ -33,14 +33,6 @@ class UnknownModel(APIError):
     status, code = 404, "model_not_found"
 
 
-class Unauthorized(APIError):
-    status, type, code = 401, "authentication_error", "invalid_api_key"
-
-
-class BodyTooLarge(APIError):
-    status, code = 413, "request_too_large"
-
-
 class QueueFull(APIError):
     status, type, code = 503, "server_overloaded", "queue_full"
 
@@ -65,6 +57,14 @@ class ClientDisconnected(APIError):
 
 class Timeout(APIError):
     status, type, code = 504, "timeout", "request_timeout"
+
+
+class OutOfMemory(APIError):
+    status, type, code = 503, "server_overloaded", "out_of_memory"
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"the accelerator ran out of memory (request id {request_id}); retry "
+                         "with a shorter prompt or later", headers={"Retry-After": "1"})
 
 
 class EngineStepError(APIError):
@@ -98,7 +98,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        if not isinstance(exc, ClientDisconnected):  # the engine counts those
+        if not isinstance(exc, ClientDisconnected | EngineStepError):  # the engine counts those
             count(request, exc.code or exc.type)
         return error_response(exc)
 

@@ -85,7 +85,8 @@ class ChatCompletionRequest(_SamplingFields):
     stream_options: dict[str, Any] | None = None
 
     def to_gen_config(self, default_max_tokens: int) -> GenConfig:
-        max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
+        max_tokens = next((x for x in (self.max_completion_tokens, self.max_tokens)
+                           if x is not None), default_max_tokens)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self.gen_config(max_tokens=max_tokens, logprobs=logprobs, echo=False)
 
@@ -132,21 +133,3 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: dict[str, Any]
-    logprobs: dict[str, Any] | None = None
-    finish_reason: str | None = None
-    prompt_used: str | None = None
-    selection_scores: dict[str, float] | None = None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage

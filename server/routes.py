@@ -19,7 +19,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from idp_core.config import GenConfig
 from idp_core.generate import GenRequest, GenResult, TokenLogprob
 from server.engine import Submission, Update
-from server.errors import BadRequest, ClientDisconnected, NotReady, Timeout, UnknownModel
+from server.errors import (
+    BadRequest,
+    ClientDisconnected,
+    EngineStepError,
+    NotReady,
+    Timeout,
+    UnknownModel,
+)
 from server.protocol import (
     ChatCompletionRequest,
     CompletionChoice,
@@ -132,7 +139,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     works = submit_all(s, reqs, stream=body.stream)
     if body.stream:
-        return sse(stream_completions(s, works, rid, created))
+        return sse(stream_completions(s, works, rid, created), request)
     results = await collect_all(s, works, request)
     choices = [completion_choice(s, i, r) for i, r in enumerate(results)]
     return JSONResponse(CompletionResponse(
@@ -142,6 +149,12 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 
 async def stream_completions(s: Any, works: list[Submission], rid: str,
                              created: int) -> AsyncIterator[dict[str, Any]]:
+    for index, work in enumerate(works):  # echoed prompts come first, as a client reads them
+        if work.request.config.echo:
+            choice = {"index": index, "text": s.lm.tokenizer.decode(work.request.input_ids),
+                      "finish_reason": None, "logprobs": None}
+            yield {"id": rid, "object": "text_completion", "created": created,
+                   "model": s.model_name, "choices": [choice]}
     async for index, update in merge_streams(s, works):
         choice: dict[str, Any] = {"index": index, "text": update.text, "finish_reason": None,
                                   "logprobs": None}
@@ -151,15 +164,13 @@ async def stream_completions(s: Any, works: list[Submission], rid: str,
             r = update.result
             choice.update(finish_reason=r.finish_reason, prompt_used=r.prefix,
                           selection_scores=r.scores)
-            if works[index].request.config.echo:
-                choice["text"] = s.lm.tokenizer.decode(r.input_ids) + choice["text"]
         yield {"id": rid, "object": "text_completion", "created": created,
                "model": s.model_name, "choices": [choice]}
 
 
 def completion_choice(s: Any, index: int, r: GenResult) -> CompletionChoice:
     text, lps = r.text, None
-    if r.output_logprobs is not None or r.prompt_logprobs is not None:
+    if r.output_logprobs is not None:  # echo alone returns text, logprobs need `logprobs`
         entries: list[TokenLogprob | None] = []
         if r.prompt_logprobs is not None:
             entries += r.prompt_logprobs
@@ -203,7 +214,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     works = submit_all(s, [req], stream=body.stream)
     if body.stream:
-        return sse(stream_chat(s, works[0], rid, created))
+        return sse(stream_chat(s, works[0], rid, created), request)
     r = (await collect_all(s, works, request))[0]
     choice = {"index": 0, "message": {"role": "assistant", "content": r.text},
               "logprobs": chat_logprobs(s, r.output_logprobs), "finish_reason": r.finish_reason,
@@ -349,15 +360,13 @@ async def collect_all(s: Any, works: list[Submission], request: Request) -> list
         gone.cancel()
         if not task.done():  # the client left: cancelling frees its queue or batch slots
             task.cancel()
-            for w in works:
-                w.cancelled = True
+        for w in works:  # no-op for finished ones; stops siblings of a failed prompt
+            w.cancelled = True
     if not task.done() or task.cancelled():
         raise ClientDisconnected("the client disconnected")
     try:
         return list(task.result())
-    except TimeoutError:
-        for w in works:
-            w.cancelled = True
+    except asyncio.TimeoutError:  # an alias of TimeoutError from Python 3.11 on
         raise Timeout(f"no result within {timeout_s} s") from None
 
 
@@ -393,7 +402,7 @@ async def merge_streams(s: Any, works: list[Submission]
             w.cancelled = True
 
 
-def sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+def sse(events: AsyncIterator[dict[str, Any]], request: Request) -> StreamingResponse:
     """Server-sent events ending in `data: [DONE]`; an error mid-stream becomes an error event."""
 
     async def body() -> AsyncIterator[str]:
@@ -401,6 +410,9 @@ def sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
             async for event in events:
                 yield f"data: {json.dumps(event)}\n\n"
         except Exception as e:  # headers are sent: report in-band, as OpenAI does
+            if not isinstance(e, EngineStepError):  # the engine logged and counted those
+                log.exception("stream failed (request id %s)", request.state.request_id)
+                request.app.state.metrics.record_error("internal")
             message = getattr(e, "message", "internal server error")
             yield f"data: {json.dumps({'error': {'message': message, 'type': 'internal_error', 'param': None, 'code': None}})}\n\n"  # noqa: E501
         yield "data: [DONE]\n\n"

@@ -22,7 +22,9 @@ class Settings(BaseSettings):
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     device: str = "cpu"
     max_batch_size: int = Field(16, ge=1, description="rows decoded together")
-    max_batch_tokens: int = Field(16384, ge=1, description="prefix+input+output tokens in flight")
+    max_batch_tokens: int = Field(
+        16384, ge=1, description="input + output tokens in flight (cached prompt prefixes "
+        "excluded)")
     scheduling: Literal["continuous", "static"] = Field(
         "continuous", description="static: a batch runs to its end before new requests join "
         "(a baseline for benchmarks)")

@@ -41,9 +41,11 @@ async def one(client: httpx.AsyncClient, url: str, payload: dict[str, Any]) -> d
             body = r.content
     except httpx.HTTPError as e:
         return {"status": 0, "error": type(e).__name__, "latency_s": time.perf_counter() - start}
-    ok = r.status_code == 200 and (not payload["stream"] or body.endswith(b"data: [DONE]\n\n"))
-    return {"status": r.status_code, "ok": ok, "retry_after": "retry-after" in r.headers,
-            "latency_s": time.perf_counter() - start}
+    errored = b'data: {"error"' in body  # a failure after the stream's headers went out
+    ok = r.status_code == 200 and not errored and (
+        not payload["stream"] or body.endswith(b"data: [DONE]\n\n"))
+    return {"status": 500 if errored else r.status_code, "ok": ok,
+            "retry_after": "retry-after" in r.headers, "latency_s": time.perf_counter() - start}
 
 
 async def soak(args: argparse.Namespace) -> dict[str, Any]:

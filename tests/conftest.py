@@ -11,6 +11,11 @@ from tiny import random_bank, tiny_llama  # noqa: E402
 from idp_core.kv import precompute_prompt_kv  # noqa: E402
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fuzz-examples", type=int, default=25,
+                     help="schemathesis examples per operation (make fuzz: 200)")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

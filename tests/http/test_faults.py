@@ -156,3 +156,34 @@ def test_openapi_lists_the_api(server):
     spec = httpx.get(server.url + "/openapi.json").json()
     assert {"/v1/completions", "/v1/chat/completions", "/tokenize"} <= set(spec["paths"])
     json.dumps(spec)
+
+
+def test_chunked_oversized_body_is_413(server):
+    def chunks():
+        for _ in range(30):
+            yield b"x" * 100_000
+
+    r = httpx.post(server.url + "/v1/completions", content=chunks(),
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_chunked_small_body_is_served(server):
+    r = httpx.post(server.url + "/v1/completions", content=iter([b'{"prompt": "ab", ',
+                                                               b'"max_tokens": 2}']),
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_echo_without_logprobs(server):
+    r = httpx.post(server.url + "/v1/completions",
+                   json={"prompt": "abc", "echo": True, "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200
+    choice = r.json()["choices"][0]
+    assert choice["text"].startswith("abc") and choice["logprobs"] is None
+    with httpx.stream("POST", server.url + "/v1/completions", json={
+            "prompt": "abc", "echo": True, "max_tokens": 3, "temperature": 0,
+            "stream": True}) as s:
+        texts = [json.loads(x[6:])["choices"][0]["text"] for x in s.iter_lines()
+                 if x.startswith("data: {")]
+    assert texts[0] == "abc" and "".join(texts) == choice["text"]

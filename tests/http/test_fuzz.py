@@ -38,8 +38,10 @@ def run_schemathesis(url: str, max_examples: int, workdir: Path) -> tuple[int, s
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def test_fuzz_finds_no_server_errors(short_context_server, tmp_path):
-    code, out = run_schemathesis(short_context_server.url, 25, tmp_path)
+def test_fuzz_finds_no_server_errors(short_context_server, tmp_path, pytestconfig):
+    examples = pytestconfig.getoption("--fuzz-examples")
+    code, out = run_schemathesis(short_context_server.url, examples, tmp_path)
+    print(out[-1500:])  # the summary: cases generated, failures
     assert code == 0, out[-4000:]
     generated = int(re.search(r"(\d+) generated", out).group(1))
     assert generated >= 300, out[-2000:]
