@@ -91,6 +91,7 @@ def summarise(results: list[dict[str, Any]], samples: list[dict[str, Any]],
     done = [r for r in results if r.get("ok")]
     out: dict[str, Any] = {
         "sent": len(results), "completed": len(done), "refused": len(refused),
+        "bad_request": sum(400 <= r["status"] < 500 and r["status"] != 429 for r in results),
         "refused_without_retry_after": sum(not r["retry_after"] for r in refused),
         "server_errors": len(other_5xx), "transport_errors": statuses.get("0", 0),
         "status_counts": statuses, "latency_s": percentiles([r["latency_s"] for r in done]),
