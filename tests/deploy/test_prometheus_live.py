@@ -301,10 +301,10 @@ def test_compose_loadgen_command_runs_against_both_servers(
     for old, new in mapping.items():
         assert old in script, old
         script = script.replace(old, new)
-    env = {"LOADGEN_CONCURRENCY": "1 2", "LOADGEN_DURATION_S": "20",
+    env = {"LOADGEN_CONCURRENCY": "1 2", "LOADGEN_DURATION_S": "300",
            "LOADGEN_REQUESTS_PER_LEVEL": "3"}  # fmt: skip
     out = subprocess.run(["sh", "-c", script], env={**os.environ, **env}, capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
+                         text=True, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     results = json.loads((tmp_path / "out" / "serving.json").read_text())["results"]
     assert {(r["target"], r["concurrency"]) for r in results} == {
