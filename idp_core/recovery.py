@@ -224,9 +224,7 @@ def plots(summary: dict[str, Any], out: Path) -> None:
         x = rows[m]["params"]
         ax.errorbar([x], [100 * a["value"]], yerr=[[100 * (a["value"] - a["ci"][0])],
                                                    [100 * (a["ci"][1] - a["value"])]],
-                    fmt="o", capsize=3, label=m)
-        ax.annotate(m, (x, 100 * a["value"]), fontsize=7, xytext=(4, 4),
-                    textcoords="offset points")
+                    fmt="o", capsize=3, label=f"{m} ({100 * a['value']:.1f})")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log)")
     ax.legend(fontsize=7)
