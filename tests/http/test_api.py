@@ -128,7 +128,7 @@ def test_concurrent_requests_share_decode_steps(server):
 
     def run(name, max_tokens, delay):
         time.sleep(delay)
-        httpx.post(server.url + "/v1/completions", timeout=60, json={
+        httpx.post(server.url + "/v1/completions", timeout=600, json={
             "prompt": "abc", "max_tokens": max_tokens, "ignore_eos": True})
         finished[name] = time.monotonic()
 

@@ -70,7 +70,7 @@ def test_exception_in_a_step_fails_only_that_step(artefacts):
 
 
 def greedy(url: str, prompt: str) -> str:
-    r = httpx.post(url + "/v1/completions", timeout=60, json={
+    r = httpx.post(url + "/v1/completions", timeout=600, json={
         "prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True,
         "prompt_selection": "p1"})
     return r.json()["choices"][0]["text"]
@@ -81,7 +81,7 @@ def test_disconnects_leave_other_outputs_byte_identical(server):
     alone = [greedy(server.url, p) for p in prompts]
 
     def disconnecting_client():
-        with httpx.stream("POST", server.url + "/v1/completions", timeout=60, json={
+        with httpx.stream("POST", server.url + "/v1/completions", timeout=600, json={
                 "prompt": "drop me", "max_tokens": 200, "stream": True, "ignore_eos": True,
                 "prompt_selection": "p1"}) as r:
             for _ in zip(range(3), r.iter_lines(), strict=False):
@@ -106,7 +106,7 @@ def test_request_cancelled_while_queued_never_runs(artefacts):
         result = {}
 
         def long_request():
-            result["r"] = httpx.post(srv.url + "/v1/completions", timeout=60, json={
+            result["r"] = httpx.post(srv.url + "/v1/completions", timeout=600, json={
                 "prompt": "abc", "max_tokens": 150, "ignore_eos": True})
 
         t = threading.Thread(target=long_request)

@@ -30,7 +30,7 @@ def run_schemathesis(url: str, max_examples: int, workdir: Path) -> tuple[int, s
     cli = Path(sys.executable).with_name("schemathesis")
     proc = subprocess.run(
         [str(cli), "run", url + "/openapi.json", "--checks", "not_a_server_error",
-         "--max-examples", str(max_examples), "--request-timeout", "20", "--seed", "1",
+         "--max-examples", str(max_examples), "--request-timeout", "120", "--seed", "1",
          "--phases", "examples,coverage,fuzzing", "--no-color"],
         capture_output=True, text=True, timeout=900, cwd=workdir,
         env={**os.environ, "SCHEMATHESIS_HOOKS": ""},

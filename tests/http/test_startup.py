@@ -46,7 +46,7 @@ def test_sigterm_drains_in_flight_requests(artefacts):
     result = {}
 
     def long_request():
-        result["r"] = httpx.post(srv.url + "/v1/completions", timeout=60, json={
+        result["r"] = httpx.post(srv.url + "/v1/completions", timeout=600, json={
             "prompt": "abc", "max_tokens": 200, "ignore_eos": True})
 
     t = threading.Thread(target=long_request)
