@@ -12,22 +12,13 @@ from idp_core.config import GenConfig
 from idp_core.generate import Engine, GenRequest
 from idp_core.kv import precompute_prompt_kv
 from idp_core.model import load_model
+from idp_core.tasks import encode_pair
 
 ITEMS = [
     {"query": "What is the sky?", "choices": ["blue", "green", "a cat"], "gold": 0},
     {"query": "2 + 2 =", "choices": ["4", "five"], "gold": 0},
     {"query": "Water boils at", "choices": ["100 C", "zero", "night", "ten"], "gold": 0},
 ]
-
-
-def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval's rule: trailing spaces of the context move to the continuation."""
-    n = len(context) - len(context.rstrip())
-    if n:
-        context, continuation = context[:-n], context[-n:] + continuation
-    whole = tok(context + continuation, add_special_tokens=False).input_ids
-    ctx = tok(context, add_special_tokens=False).input_ids
-    return ctx, whole[len(ctx):]
 
 
 def test_local_completions_matches_engine(server, artefacts, tmp_path, monkeypatch):
