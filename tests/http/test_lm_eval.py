@@ -1,11 +1,11 @@
 """lm-evaluation-harness's `local-completions` model against the real server: its per-item
 log-likelihoods equal the engine's in-process scores for the same items."""
 
-import json
 import math
 from pathlib import Path
 
 import torch
+from lmeval import run_local_completions
 
 from idp_core.bank import PromptBank
 from idp_core.config import GenConfig
@@ -21,28 +21,10 @@ ITEMS = [
 ]
 
 
-def test_local_completions_matches_engine(server, artefacts, tmp_path, monkeypatch):
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    data = tmp_path / "items.jsonl"
-    data.write_text("".join(json.dumps(x) + "\n" for x in ITEMS))
-    task_dir = tmp_path / "tasks"
-    task_dir.mkdir()
+def test_local_completions_matches_engine(server, artefacts, tmp_path):
     yaml = (Path(__file__).parent / "lmeval_task" / "idp_mc.yaml").read_text()
-    (task_dir / "idp_mc.yaml").write_text(yaml.replace("PLACEHOLDER", str(data)))
-
-    out = simple_evaluate(
-        model="local-completions",
-        model_args=f"base_url={server.url}/v1/completions,model=tiny,tokenizer_backend=remote,"
-                   "tokenized_requests=True,max_length=512,num_concurrent=1,max_retries=1",
-        tasks=["idp_mc"],
-        task_manager=TaskManager(include_path=str(task_dir)),
-        log_samples=True,
-        batch_size=4,
-    )
+    out = run_local_completions(server.url, ITEMS, yaml.replace("PLACEHOLDER", "{data}"),
+                                "idp_mc", tmp_path)
     samples = out["samples"]["idp_mc"]
 
     lm = load_model(artefacts["model"], dtype="float32")

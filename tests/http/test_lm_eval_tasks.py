@@ -2,8 +2,9 @@
 lm-eval's `local-completions` through the server (IDP selection per request) and by
 `idp_core.tasks` in-process, give the same per-choice log-likelihoods and per-item accuracy."""
 
-import json
 import math
+
+from lmeval import run_local_completions
 
 from idp_core.bank import PromptBank
 from idp_core.generate import Engine
@@ -32,8 +33,8 @@ dataset_kwargs:
     test: {data}
 test_split: test
 output_type: multiple_choice
-doc_to_text: "{{{{query}}}}"
-doc_to_choice: "{{{{choices}}}}"
+doc_to_text: "{{query}}"
+doc_to_choice: "{{choices}}"
 doc_to_target: gold
 metric_list:
   - metric: acc
@@ -41,26 +42,9 @@ metric_list:
 """
 
 
-def test_mc_scorer_matches_lm_eval(server, artefacts, tmp_path, monkeypatch):
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    data = tmp_path / "arc_easy.jsonl"
-    data.write_text("".join(json.dumps(x) + "\n" for x in ITEMS))
-    task_dir = tmp_path / "tasks"
-    task_dir.mkdir()
-    (task_dir / "idp_tasks_mc.yaml").write_text(TASK_YAML.format(data=data))
-    out = simple_evaluate(
-        model="local-completions",
-        model_args=f"base_url={server.url}/v1/completions,model=tiny,tokenizer_backend=remote,"
-                   "tokenized_requests=True,max_length=512,num_concurrent=1,max_retries=1",
-        tasks=["idp_tasks_mc"],
-        task_manager=TaskManager(include_path=str(task_dir)),
-        log_samples=True,
-        batch_size=4,
-    )
+def test_mc_scorer_matches_lm_eval(server, artefacts, tmp_path):
+    out = run_local_completions(server.url, ITEMS, TASK_YAML, "idp_tasks_mc", tmp_path)
+    data = tmp_path / "idp_tasks_mc.jsonl"
     samples = sorted(out["samples"]["idp_tasks_mc"], key=lambda s: s["doc_id"])
 
     lm = load_model(artefacts["model"], dtype="float32")
