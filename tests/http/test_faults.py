@@ -107,13 +107,13 @@ def test_request_cancelled_while_queued_never_runs(artefacts):
 
         def long_request():
             result["r"] = httpx.post(srv.url + "/v1/completions", timeout=600, json={
-                "prompt": "abc", "max_tokens": 150, "ignore_eos": True})
+                "prompt": "abc", "max_tokens": 480, "ignore_eos": True})
 
         t = threading.Thread(target=long_request)
         t.start()
-        time.sleep(0.3)
+        time.sleep(0.2)
         with pytest.raises(httpx.ReadTimeout):  # queued behind the long one, then gone
-            httpx.post(srv.url + "/v1/completions", timeout=0.5,
+            httpx.post(srv.url + "/v1/completions", timeout=0.3,
                        json={"prompt": "queued", "max_tokens": 5})
         t.join()
         assert result["r"].status_code == 200
