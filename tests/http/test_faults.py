@@ -103,23 +103,27 @@ def test_request_cancelled_while_queued_never_runs(artefacts):
     srv = RemoteServer("--model", str(artefacts["model"]), "--bank", str(artefacts["bank"]),
                        "--max-batch-size", "1")
     try:
-        result = {}
+        results = []
 
         def long_request():
-            result["r"] = httpx.post(srv.url + "/v1/completions", timeout=600, json={
-                "prompt": "abc", "max_tokens": 480, "ignore_eos": True})
+            results.append(httpx.post(srv.url + "/v1/completions", timeout=600, json={
+                "prompt": "abc", "max_tokens": 480, "ignore_eos": True}))
 
-        t = threading.Thread(target=long_request)
-        t.start()
-        time.sleep(0.2)
-        with pytest.raises(httpx.ReadTimeout):  # queued behind the long one, then gone
+        threads = [threading.Thread(target=long_request) for _ in range(3)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while metric(srv.url, "idp_num_requests_waiting") < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # one long request running, two queued behind it
+        with pytest.raises(httpx.ReadTimeout):  # queued behind the long ones, then gone
             httpx.post(srv.url + "/v1/completions", timeout=0.3,
                        json={"prompt": "queued", "max_tokens": 5})
-        t.join()
-        assert result["r"].status_code == 200
+        for t in threads:
+            t.join()
+        assert [r.status_code for r in results] == [200, 200, 200]
         ok = httpx.post(srv.url + "/v1/completions", json={"prompt": "after", "max_tokens": 3})
         assert ok.status_code == 200
-        assert metric(srv.url, "idp_request_success_total") == 2  # the queued one never ran
+        assert metric(srv.url, "idp_request_success_total") == 4  # the queued one never ran
         assert metric(srv.url, 'idp_request_errors_total{method="idp",model=') >= 1
     finally:
         srv.stop()
