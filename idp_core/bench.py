@@ -1,7 +1,8 @@
-"""`idp bench latency|selection|prefix`: in-process timings, interleaved, medians, JSON + PNG.
+"""`idp bench latency|selection|prefix|served`: timings, interleaved, medians, JSON + PNG.
 
 Variants run A B C A B C ... so drift on a shared machine hits all alike; each figure is the
 median over repeats with the 10th-90th percentile spread. Nothing here asserts a timing.
+`served` compares the HTTP server (its own process) with in-process batched generation.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ import copy
 import json
 import logging
 import platform
+import socket
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -204,6 +208,99 @@ def run_prefix(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> d
     return {"records": records}
 
 
+class ServerProcess:
+    """`python -m server` on a free loopback port, for as long as the `with` block runs."""
+
+    def __init__(self, args: argparse.Namespace, *, timeout_s: float = 900.0) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "server", "--port", str(self.port), "--dtype",
+                    args.dtype, "--device", args.device, "--max-batch-size", str(args.batch),
+                    *(["--model", args.model] if args.model else []),
+                    *(["--bank", args.bank] if args.bank else [])]
+        self.timeout_s = timeout_s
+
+    def __enter__(self) -> ServerProcess:
+        import httpx
+
+        self.log = tempfile.NamedTemporaryFile("w", prefix="idp-bench-server-", suffix=".log",
+                                               delete=False)
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     cwd=Path(__file__).resolve().parents[1])
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; "
+                                   f"see {self.log.name}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        self.__exit__()
+        raise TimeoutError(f"server not healthy within {self.timeout_s} s; see {self.log.name}")
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+        self.log.close()
+
+
+def burst(url: str, rows: list[list[int]], new_tokens: int) -> list[int]:
+    """All rows as concurrent non-streaming completions; returns the tokens each one got."""
+    import asyncio
+
+    import httpx
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
+
+    async def go() -> list[int]:
+        async with httpx.AsyncClient(timeout=600) as client:
+            async def one(ids: list[int]) -> int:
+                r = await client.post(url + "/v1/completions", json={
+                    "prompt": ids, "max_tokens": new_tokens, "temperature": 0,
+                    "ignore_eos": True, "prompt_selection": AUTO})
+                r.raise_for_status()
+                return int(r.json()["usage"]["completion_tokens"])
+
+            return list(await asyncio.gather(*(one(ids) for ids in rows)))
+
+    return asyncio.run(go())
+
+
+def run_served(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> dict[str, Any]:
+    """The same B requests (B x seq_len token ids, N new tokens, IDP): in-process
+    `Engine.generate` vs a burst of B concurrent HTTP requests to a server process running the
+    same model and bank with max batch B. Throughput ratio served / in-process."""
+    engine = Engine(lm, precompute_prompt_kv(lm.model, bank))
+    rows = input_rows(lm, args.batch, args.seq_len)
+    reqs = [GenRequest(r, GenConfig(max_tokens=args.new_tokens, ignore_eos=True), AUTO)
+            for r in rows]
+    tokens = args.batch * args.new_tokens
+    inproc, served = [], []
+    with ServerProcess(args) as server:
+        for rep in range(args.warmup + args.repeats):
+            t_in, out = timed(lambda: engine.generate(reqs), lm.device)
+            t_srv, got = timed(lambda: burst(server.url, rows, args.new_tokens), lm.device)
+            made = sum(len(r.output_ids) for r in out)
+            if sum(got) != tokens or made != tokens:
+                raise RuntimeError(f"expected {tokens} tokens: in-process {made}, "
+                                   f"served {sum(got)}")
+            if rep >= args.warmup:
+                inproc.append(t_in)
+                served.append(t_srv)
+            log.info("rep %d: in-process %.3f s, served %.3f s", rep, t_in, t_srv)
+    ratio = statistics.median(inproc) / statistics.median(served)
+    return {"records": [{"variant": name, "batch": args.batch, "seq_len": args.seq_len,
+                         "new_tokens": args.new_tokens, **spread(xs),
+                         "tokens_per_s": tokens / statistics.median(xs)}
+                        for name, xs in (("in-process", inproc), ("served", served))],
+            "served_over_inprocess": ratio}
+
+
 def environment(lm: LoadedModel) -> dict[str, Any]:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -254,6 +351,16 @@ def prefix_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def served_table(result: dict[str, Any]) -> str:
+    lines = ["| path | B x L, new tokens | median s | p10-p90 s | tokens/s |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['batch']} x {r['seq_len']}, {r['new_tokens']} | "
+              f"{r['median']:.3f} | {r['p10']:.3f}-{r['p90']:.3f} | {r['tokens_per_s']:.1f} |"
+              for r in result["records"]]
+    lines.append(f"\nserved / in-process throughput: {result['served_over_inprocess']:.3f}")
+    return "\n".join(lines)
+
+
 def plot(kind: str, result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -284,6 +391,16 @@ def plot(kind: str, result: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("batch size")
         ax.set_ylabel("selection pass, % of request")
         ax.set_title("IDP selection overhead")
+    elif kind == "served":
+        recs = result["records"]
+        ax.bar([r["variant"] for r in recs], [r["tokens_per_s"] for r in recs])
+        ax.set_ylabel("generated tokens/s (median)")
+        ax.set_title(f"Same {recs[0]['batch']} requests: served / in-process = "
+                     f"{result['served_over_inprocess']:.2f}")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
     else:
         recs = result["records"]
         xs = range(len(recs))
@@ -301,7 +418,7 @@ def plot(kind: str, result: dict[str, Any], path: Path) -> None:
 
 
 RUNNERS = {"latency": (run_latency, latency_table), "selection": (run_selection, selection_table),
-           "prefix": (run_prefix, prefix_table)}
+           "prefix": (run_prefix, prefix_table), "served": (run_served, served_table)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
