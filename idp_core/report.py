@@ -205,11 +205,17 @@ def run_report(args: argparse.Namespace) -> int:
               "ppl_seq_len": args.ppl_seq_len}
     engines: dict[str, Any] = {}
     raw: dict[str, Any] = {}
+    # A saved method is reused only if it was run with these settings (resume after a stop).
+    settings = {"model": source.name, "limit": args.limit, "seed": args.seed, "dtype": args.dtype,
+                "tasks": sorted(t.name for t in tasks), **common}
     for name, kind, sel in grid:
         path = raw_dir / f"{kind}{'_' + sel if kind == 'prompt' else ''}.json"
         if path.is_file():
-            raw[name] = json.loads(path.read_text())
-            continue
+            saved = json.loads(path.read_text())
+            if saved.get("settings") == settings or args.render_only:
+                raw[name] = saved
+                continue
+            print(f"== {name}: {path} was run with other settings; running it again", flush=True)
         if args.render_only:
             raise FileNotFoundError(f"--render-only: no saved results {path}")
         print(f"== {name}", flush=True)
@@ -238,7 +244,7 @@ def run_report(args: argparse.Namespace) -> int:
         if ppl_ids is None and reuse is not None:
             result["wikitext2_ppl"] = raw[IDP].get("wikitext2_ppl")
         raw[name] = {**result, "params": int(params), "model": engine.lm.describe(),
-                     "wall_s": round(time.perf_counter() - start, 1)}
+                     "wall_s": round(time.perf_counter() - start, 1), "settings": settings}
         path.write_text(json.dumps(raw[name]) + "\n")
     summary = summarise(raw)
     meta = {"model": source.name, "bank": str(bank_path), "lora": str(lora_path),

@@ -71,3 +71,34 @@ def test_files(summary, tmp_path):
     plots(summary, tmp_path)
     assert (tmp_path / "recovery_tasks.png").stat().st_size > 1000
     assert (tmp_path / "recovery_params.png").stat().st_size > 1000
+
+
+def test_report_end_to_end_resumes_only_with_same_settings(tmp_path, capsys):
+    """`idp report` on a tiny checkpoint: writes the grid, reuses a saved method on a rerun with
+    the same settings, and reruns it when the settings change (no stale 100-item results in a
+    500-item report)."""
+    from servers import write_tiny_artefacts
+
+    from idp_core.cli import main
+    from idp_core.tasks import TASKS_DIR
+
+    art = write_tiny_artefacts(tmp_path / "art")
+    out = tmp_path / "report"
+
+    def report(limit: int) -> str:
+        assert main(["report", "--model", str(art["model"]), "--bank", str(art["bank"]),
+                     "--lora", str(art["lora"]), "--methods", "compressed,idp",
+                     "--tasks-dir", str(TASKS_DIR), "--tasks", "arc_easy", "--limit", str(limit),
+                     "--dtype", "float32", "--ppl-windows", "1", "--ppl-seq-len", "32",
+                     "--out", str(out)]) == 0
+        return capsys.readouterr().out
+
+    first = report(2)
+    assert "== compressed" in first and "== +IDP" in first
+    saved = (out / "recovery_raw" / "idp.json").read_text()
+    assert "== " not in report(2)  # both reused
+    assert (out / "recovery_raw" / "idp.json").read_text() == saved
+    third = report(3)
+    assert "run with other settings" in third and "== +IDP" in third
+    assert '"arc_easy (n=3)"' in (out / "recovery.json").read_text() or \
+        "arc_easy (n=3)" in (out / "recovery.md").read_text()
