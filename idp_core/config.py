@@ -12,6 +12,7 @@ CONCAT = "concat"
 RESERVED_SELECTIONS = (AUTO, NONE, CONCAT)
 
 ScoreMode = Literal["mean", "sum"]
+AlignMode = Literal["start", "end"]
 
 
 @dataclass(frozen=True)
@@ -21,15 +22,23 @@ class SelectConfig:
     Attributes:
         score: "mean" scores prompt i by the mean attention per prompt token that the input
             tokens pay to it (the paper's rule); "sum" uses the total attention mass instead.
+        align: where each prompt sits in the pass. "start": prompt i at positions 0..n_i-1 and
+            the input after the longest prompt, so shorter prompts sit further from the input
+            than they do when served. "end": prompt i at n_max-n_i..n_max-1, ending right
+            before the input, so every prompt is at the same relative distance from the input
+            as when it is served (RoPE sees only relative positions).
         query_chunk: input tokens processed per chunk, bounding the [B, H, chunk, T] buffer.
     """
 
     score: ScoreMode = "mean"
+    align: AlignMode = "start"
     query_chunk: int = 256
 
     def __post_init__(self) -> None:
         if self.score not in ("mean", "sum"):
             raise ValueError(f"SelectConfig.score must be 'mean' or 'sum', got {self.score!r}")
+        if self.align not in ("start", "end"):
+            raise ValueError(f"SelectConfig.align must be 'start' or 'end', got {self.align!r}")
         if self.query_chunk < 1:
             raise ValueError(f"SelectConfig.query_chunk must be >= 1, got {self.query_chunk}")
 

@@ -119,6 +119,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--score", default="mean", choices=["mean", "sum"],
                         help="IDP scoring rule for 'auto' (SelectConfig.score)")
+    parser.add_argument("--align", default="start", choices=["start", "end"],
+                        help="prompt positions in the IDP pass (SelectConfig.align)")
     parser.add_argument("--out", default=None, help="write the JSON result here too")
 
 
@@ -150,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         lm.model = PeftModel.from_pretrained(lm.model, args.lora).eval()
         method = "lora"
         selections = ["none"]
-    engine = Engine(lm, store, select_config=SelectConfig(score=args.score),
+    engine = Engine(lm, store, select_config=SelectConfig(score=args.score, align=args.align),
                     method_without_bank=method)
     if args.data:
         ids = lm.tokenizer("\n\n".join(read_texts(args.data)), add_special_tokens=False)
@@ -181,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
         "max_windows": args.max_windows,
         "dtype": args.dtype,
         "idp_score": args.score,
+        "idp_align": args.align,
         "results": results,
     }
     text = json.dumps(report, indent=2)

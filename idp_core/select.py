@@ -1,11 +1,13 @@
 """IDP selection: score each prompt by first-layer attention from the input, pick the argmax.
 
-Position layout (Hoang et al., Fig. 3, with prompts computed alone): prompt i keeps positions
-0..n_i-1, exactly as its KV was cached and as it is served; the input X sits at positions
-n_max..n_max+T-1, right after the longest prompt, so every prompt precedes X. The input's
-queries attend to all prompts' layer-0 keys and causally to their own keys; prompts never attend
-to each other. Prompt i's score is the attention the non-padding input tokens pay to its tokens,
-averaged over tokens and heads: per prompt token ("mean", the paper's rule) or in total ("sum").
+Position layout (prompts computed alone): the input X sits at positions n_max..n_max+T-1, right
+after the longest prompt, so every prompt precedes X. With `align="start"` prompt i keeps
+positions 0..n_i-1, exactly as its KV was cached; with `align="end"` it sits at
+n_max-n_i..n_max-1 (its cached layer-0 keys rotated by n_max-n_i), ending right before X as it
+does when served. The input's queries attend to all prompts' layer-0 keys and causally to their
+own keys; prompts never attend to each other. Prompt i's score is the attention the non-padding
+input tokens pay to its tokens, averaged over tokens and heads: per prompt token ("mean", the
+paper's rule) or in total ("sum").
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import (
+    apply_rotary_pos_emb,
+    repeat_kv,
+    rotate_half,
+)
 
 from idp_core.config import SelectConfig
 from idp_core.kv import PromptKVStore
@@ -78,26 +84,50 @@ def select_prompts(
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     q = q.float() * attn.scaling
     k_self = repeat_kv(k.float(), num_heads // num_kv)  # [B, Hq, T, D]
-    k_prompts = repeat_kv(store.layer0_keys[None].to(device).float(), num_heads // num_kv)
-
     num_prompts = len(store.prompts)
     lengths = torch.tensor(store.lengths, device=device, dtype=torch.float32)
+    k_prompts = store.layer0_keys[None].to(device).float()  # [1, Hkv, N, D] at 0..n_i-1
+    if config.align == "end":  # rotate prompt i's keys by n_max - n_i (RoPE composes)
+        shift = (offset - lengths.long())[store.segment.to(device)][None]  # [1, N]
+        cos_s, sin_s = base.rotary_emb(k_prompts, shift)  # [1, N, D]
+        k_prompts = k_prompts * cos_s[:, None] + rotate_half(k_prompts) * sin_s[:, None]
+    k_prompts = repeat_kv(k_prompts, num_heads // num_kv)
     onehot = torch.nn.functional.one_hot(store.segment.to(device), num_prompts).float()  # [N, P]
     if config.score == "mean":
         onehot = onehot / lengths  # mean over each prompt's tokens
     valid = attention_mask.to(device).bool()  # [B, T]
+    # Right padding: a real token t sees only keys <= t, all real, so plain causal is exact for
+    # every row; padding queries are dropped by `valid` below.
+    lse_self = causal_logsumexp(q, k_self, chunk=config.query_chunk)  # [B, Hq, T]
     totals = torch.zeros(batch, num_prompts, device=device)
     for t0 in range(0, seq, config.query_chunk):
         t1 = min(seq, t0 + config.query_chunk)
-        qc = q[:, :, t0:t1]  # [B, Hq, C, D]
-        to_prompts = qc @ k_prompts.transpose(-1, -2)  # [B, Hq, C, N]
-        to_self = qc @ k_self[:, :, :t1].transpose(-1, -2)  # [B, Hq, C, t1]
-        causal = torch.ones(t1 - t0, t1, dtype=torch.bool, device=device).tril(t0)
-        allowed = causal[None] & valid[:, None, :t1]  # [B, C, t1]
-        to_self = to_self.masked_fill(~allowed[:, None], float("-inf"))
-        lse = torch.logsumexp(torch.cat([to_prompts, to_self], dim=-1), dim=-1, keepdim=True)
-        per_prompt = torch.exp(to_prompts - lse) @ onehot  # [B, Hq, C, P]
+        to_prompts = q[:, :, t0:t1] @ k_prompts.transpose(-1, -2)  # [B, Hq, C, N]
+        lse = torch.logaddexp(torch.logsumexp(to_prompts, dim=-1), lse_self[:, :, t0:t1])
+        per_prompt = torch.exp(to_prompts - lse[..., None]) @ onehot  # [B, Hq, C, P]
         per_prompt = per_prompt.mean(dim=1) * valid[:, t0:t1, None]  # [B, C, P]
         totals += per_prompt.sum(dim=1)
     scores = totals / valid.sum(dim=1, keepdim=True).clamp(min=1)
     return Selection(scores.argmax(dim=-1), scores, time.perf_counter() - start)
+
+
+def causal_logsumexp(q: Tensor, k: Tensor, *, chunk: int, fused: bool | None = None) -> Tensor:
+    """[B, H, T]: log sum_{j <= t} exp(q_t . k_j) for q, k [B, H, T, D] (scale already in q).
+
+    On CPU the fused flash-attention kernel returns this row statistic without materialising
+    the [T, T] logits and skips the masked half (O(T) memory); elsewhere (or with fused=False)
+    the logits are built `chunk` queries at a time.
+    """
+    if fused is None:
+        fused = q.device.type == "cpu"
+    if fused:
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        return flash(q, k, k, 0.0, True, scale=1.0)[1]
+    seq = q.shape[2]
+    out = []
+    for t0 in range(0, seq, chunk):
+        t1 = min(seq, t0 + chunk)
+        logits = q[:, :, t0:t1] @ k[:, :, :t1].transpose(-1, -2)  # [B, H, C, t1]
+        causal = torch.ones(t1 - t0, t1, dtype=torch.bool, device=q.device).tril(t0)
+        out.append(torch.logsumexp(logits.masked_fill(~causal, float("-inf")), dim=-1))
+    return torch.cat(out, dim=-1)

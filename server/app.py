@@ -88,7 +88,8 @@ def load_state(settings: Settings, metrics_registry: Any = None) -> ServingState
         mode = "idp"
     else:
         mode = "none"
-    engine = Engine(lm, store, select_config=SelectConfig(score=settings.selection_score),
+    engine = Engine(lm, store, select_config=SelectConfig(score=settings.selection_score,
+                                                       align=settings.selection_align),
                     method_without_bank="lora" if settings.lora else "none")
     engine.generate([GenRequest([lm.tokenizer.eos_token_id or 0], GenConfig(max_tokens=2))])
     name = settings.served_model_name or lm.name

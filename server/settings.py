@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(600.0, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)
     selection_score: Literal["mean", "sum"] = "mean"
+    selection_align: Literal["start", "end"] = Field(
+        "start", description="prompt positions in the IDP pass: from 0, or ending before the "
+        "input as served")
     strict_fingerprint: bool = False
     api_key: str = Field("", description="require 'Authorization: Bearer <key>' when set")
     metrics_require_key: bool = False

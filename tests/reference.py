@@ -45,12 +45,14 @@ def prompt_logprobs_alone(lm: LoadedModel, prefix: Tensor | None, ids: list[int]
 
 
 @torch.no_grad()
-def select_reference(lm: LoadedModel, bank: PromptBank, ids: list[int], score: str) -> Tensor:
+def select_reference(lm: LoadedModel, bank: PromptBank, ids: list[int], score: str,
+                     align: str = "start") -> Tensor:
     """IDP scores from the full layer-0 attention matrix over [P_1; ...; P_m; X] (one row).
 
-    Prompts keep positions 0..n_i-1 and attend only within themselves; X sits at positions
-    n_max.. and attends to every prompt token and causally to itself. Needs an eager-attention
-    model so the attention weights are returned.
+    Prompts attend only within themselves, at positions 0..n_i-1 (align "start") or
+    n_max-n_i..n_max-1 (align "end"); X sits at positions n_max.. and attends to every prompt
+    token and causally to itself. Needs an eager-attention model so the attention weights are
+    returned.
     """
     model = lm.model
     base = model.base_model
@@ -59,7 +61,9 @@ def select_reference(lm: LoadedModel, bank: PromptBank, ids: list[int], score: s
     hidden = torch.cat([*bank.prompts, x])[None]  # [1, N+T, d]
     lengths = bank.lengths
     n, t = sum(lengths), len(ids)
-    positions = [p for L in lengths for p in range(L)] + list(range(max(lengths), max(lengths) + t))
+    top = max(lengths)
+    shift = {"start": lambda L: 0, "end": lambda L: top - L}[align]
+    positions = [shift(L) + p for L in lengths for p in range(L)] + list(range(top, top + t))
     allowed = torch.zeros(n + t, n + t, dtype=torch.bool)
     start = 0
     for L in lengths:
