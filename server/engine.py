@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,22 @@ from server.errors import EngineStepError, OutOfMemory, QueueFull, ServerDrainin
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+TRIM_EVERY_S = 5.0  # at most one malloc_trim per interval, after requests finish
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS).
+
+    Batches of ever-changing shapes leave freed tensor memory in glibc's arenas, which it keeps
+    instead of returning to the OS. On the default model a 2-minute soak grew resident memory
+    by 52 %; driving the engine alone with a similar mix, live tensors stayed at 265 MB while
+    RSS grew by 400 MB, and malloc_trim(0) handed 300 MB back (docs/reliability.md).
+    """
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 @dataclass
@@ -86,6 +103,8 @@ class AsyncEngine:
         self.draining = False
         self.selection_counts: collections.Counter[str] = collections.Counter()
         self._thread = threading.Thread(target=self._loop, name="idp-engine", daemon=True)
+        self._trim = _malloc_trim()
+        self._last_trim = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -243,6 +262,9 @@ class AsyncEngine:
             if work.stream:
                 self._push_delta(work, s, final=True)
             work.push(Update(result=result))
+        if done and self._trim is not None and now - self._last_trim >= TRIM_EVERY_S:
+            self._trim(0)  # hand the freed batch memory back to the OS
+            self._last_trim = time.perf_counter()
 
     def _fail(self, works: list[Submission], error: Exception) -> None:
         oom = isinstance(error, torch.cuda.OutOfMemoryError)
