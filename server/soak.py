@@ -99,10 +99,13 @@ def summarise(results: list[dict[str, Any]], samples: list[dict[str, Any]],
     if samples:
         warm = [s for s in samples if s["t_s"] >= args.warmup_s] or samples
         first, last = warm[0], samples[-1]
+        mid = min(warm, key=lambda s: abs(s["t_s"] - (first["t_s"] + last["t_s"]) / 2))
         out["process"] = {"after_warmup": first, "end": last,
                           "rss_growth_pct": 100 * (last["rss_kb"] / first["rss_kb"] - 1),
+                          "rss_growth_second_half_pct": 100 * (last["rss_kb"] / mid["rss_kb"] - 1),
                           "fd_growth": last["fds"] - first["fds"],
-                          "thread_growth": last["threads"] - first["threads"]}
+                          "thread_growth": last["threads"] - first["threads"],
+                          "samples": samples}
     return out
 
 
@@ -127,10 +130,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     summary = asyncio.run(soak(args))
-    text = json.dumps(summary, indent=2)
-    print(text)
+    brief = {**summary, "process": {k: v for k, v in summary.get("process", {}).items()
+                                    if k != "samples"}}
+    print(json.dumps(brief, indent=2))
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
     healthy = summary["server_errors"] == 0 and summary["transport_errors"] == 0 and \
         summary["refused_without_retry_after"] == 0
     return 0 if healthy else 1
