@@ -22,16 +22,16 @@ class SelectConfig:
     Attributes:
         score: "mean" scores prompt i by the mean attention per prompt token that the input
             tokens pay to it (the paper's rule); "sum" uses the total attention mass instead.
-        align: where each prompt sits in the pass. "start": prompt i at positions 0..n_i-1 and
-            the input after the longest prompt, so shorter prompts sit further from the input
-            than they do when served. "end": prompt i at n_max-n_i..n_max-1, ending right
-            before the input, so every prompt is at the same relative distance from the input
-            as when it is served (RoPE sees only relative positions).
+        align: where each prompt sits in the pass. "end" (default): prompt i at
+            n_max-n_i..n_max-1, ending right before the input, so every prompt is at the same
+            relative distance from the input as when it is served (RoPE sees only relative
+            positions). "start": prompt i at 0..n_i-1 and the input after the longest prompt,
+            so shorter prompts sit further from the input than they do when served.
         query_chunk: input tokens processed per chunk, bounding the [B, H, chunk, T] buffer.
     """
 
     score: ScoreMode = "mean"
-    align: AlignMode = "start"
+    align: AlignMode = "end"
     query_chunk: int = 256
 
     def __post_init__(self) -> None:

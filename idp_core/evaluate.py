@@ -119,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--score", default="mean", choices=["mean", "sum"],
                         help="IDP scoring rule for 'auto' (SelectConfig.score)")
-    parser.add_argument("--align", default="start", choices=["start", "end"],
+    parser.add_argument("--align", default="end", choices=["start", "end"],
                         help="prompt positions in the IDP pass (SelectConfig.align)")
     parser.add_argument("--out", default=None, help="write the JSON result here too")
 

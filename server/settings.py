@@ -35,8 +35,8 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0)
     selection_score: Literal["mean", "sum"] = "mean"
     selection_align: Literal["start", "end"] = Field(
-        "start", description="prompt positions in the IDP pass: from 0, or ending before the "
-        "input as served")
+        "end", description="prompt positions in the IDP pass: ending right before the input as "
+        "served, or from 0")
     strict_fingerprint: bool = False
     api_key: str = Field("", description="require 'Authorization: Bearer <key>' when set")
     metrics_require_key: bool = False

@@ -46,7 +46,7 @@ def prompt_logprobs_alone(lm: LoadedModel, prefix: Tensor | None, ids: list[int]
 
 @torch.no_grad()
 def select_reference(lm: LoadedModel, bank: PromptBank, ids: list[int], score: str,
-                     align: str = "start") -> Tensor:
+                     align: str = "end") -> Tensor:
     """IDP scores from the full layer-0 attention matrix over [P_1; ...; P_m; X] (one row).
 
     Prompts attend only within themselves, at positions 0..n_i-1 (align "start") or
