@@ -1,4 +1,4 @@
-"""`idp bench latency|selection|prefix|served`: timings, interleaved, medians, JSON + PNG.
+"""`idp bench latency|selection|prefix|served|memory`: timings, interleaved, medians, JSON + PNG.
 
 Variants run A B C A B C ... so drift on a shared machine hits all alike; each figure is the
 median over repeats with the 10th-90th percentile spread. Nothing here asserts a timing.
@@ -301,6 +301,42 @@ def run_served(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> d
             "served_over_inprocess": ratio}
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def _live_tensor_mb() -> float:
+    import gc
+
+    return sum(o.numel() * o.element_size() for o in gc.get_objects()
+               if isinstance(o, Tensor)) / 2**20
+
+
+def run_memory(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> dict[str, Any]:
+    """Resident memory vs bytes in live tensors while the engine runs batches of random shapes
+    (1..batch requests, 10..seq_len input tokens, 1..new_tokens new ones), then after one
+    glibc malloc_trim(0): separates a leak (live bytes grow) from allocator retention."""
+    import ctypes
+    import random
+
+    engine = Engine(lm, precompute_prompt_kv(lm.model, bank))
+    rng = random.Random(0)
+    vocab = int(lm.model.config.vocab_size)
+    records = [{"batches": 0, "rss_mb": _rss_mb(), "live_tensor_mb": _live_tensor_mb()}]
+    for i in range(1, args.repeats + 1):
+        reqs = [GenRequest([rng.randrange(vocab) for _ in range(rng.randint(10, args.seq_len))],
+                           GenConfig(max_tokens=rng.randint(1, args.new_tokens), ignore_eos=True))
+                for _ in range(rng.randint(1, args.batch))]
+        engine.generate(reqs)
+        records.append({"batches": i, "rss_mb": _rss_mb(), "live_tensor_mb": _live_tensor_mb()})
+        log.info("batch %d: %s", i, records[-1])
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    records.append({"batches": "after malloc_trim", "rss_mb": _rss_mb(),
+                    "live_tensor_mb": _live_tensor_mb()})
+    return {"records": records}
+
+
 def environment(lm: LoadedModel) -> dict[str, Any]:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -361,6 +397,13 @@ def served_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def memory_table(result: dict[str, Any]) -> str:
+    lines = ["| batches run | RSS MB | live tensors MB |", "|---|---|---|"]
+    lines += [f"| {r['batches']} | {r['rss_mb']:.0f} | {r['live_tensor_mb']:.0f} |"
+              for r in result["records"]]
+    return "\n".join(lines)
+
+
 def plot(kind: str, result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -391,6 +434,16 @@ def plot(kind: str, result: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("batch size")
         ax.set_ylabel("selection pass, % of request")
         ax.set_title("IDP selection overhead")
+    elif kind == "memory":
+        recs = [r for r in result["records"] if isinstance(r["batches"], int)]
+        ax.plot([r["batches"] for r in recs], [r["rss_mb"] for r in recs], "o-", label="RSS")
+        ax.plot([r["batches"] for r in recs], [r["live_tensor_mb"] for r in recs], "s-",
+                label="live tensors")
+        ax.axhline(result["records"][-1]["rss_mb"], color="grey", ls="--",
+                   label="RSS after malloc_trim")
+        ax.set_xlabel("batches of random shapes")
+        ax.set_ylabel("MB")
+        ax.set_title("Engine memory: allocator retention, not live tensors")
     elif kind == "served":
         recs = result["records"]
         ax.bar([r["variant"] for r in recs], [r["tokens_per_s"] for r in recs])
@@ -418,7 +471,8 @@ def plot(kind: str, result: dict[str, Any], path: Path) -> None:
 
 
 RUNNERS = {"latency": (run_latency, latency_table), "selection": (run_selection, selection_table),
-           "prefix": (run_prefix, prefix_table), "served": (run_served, served_table)}
+           "prefix": (run_prefix, prefix_table), "served": (run_served, served_table),
+           "memory": (run_memory, memory_table)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
