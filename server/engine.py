@@ -33,8 +33,8 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
     Batches of ever-changing shapes leave freed tensor memory in glibc's arenas, which it keeps
     instead of returning to the OS. On the default model a 2-minute soak grew resident memory
-    by 52 %; `idp bench memory` shows live tensors flat at 266 MB while RSS rises by 220-260 MB,
-    of which malloc_trim(0) hands back 120-160 MB (docs/reliability.md).
+    by 52 %; `idp bench memory` shows live tensors flat at 266 MB while RSS rises by ~220 MB,
+    of which malloc_trim(0) hands back 123 MB (docs/reliability.md).
     """
     try:
         return ctypes.CDLL("libc.so.6").malloc_trim
