@@ -17,8 +17,10 @@ def logits_to_probs(logits: Tensor, config: GenConfig) -> Tensor:
     probs = torch.softmax(logits, dim=-1)
     if config.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
-        # Drop a token when the mass before it already reaches top_p (the top token always stays).
+        # Drop a token when the mass before it already reaches top_p. The top token always
+        # stays, also when top_p underflows to 0 in float32 (a fuzzer found top_p = 2.2e-308).
         drop = (sorted_probs.cumsum(-1) - sorted_probs) >= config.top_p
+        drop[0] = False
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         probs = probs / probs.sum()

@@ -132,3 +132,14 @@ def test_engine_without_bank_runs_plain(tiny):
     res = engine.generate([GenRequest([5, 9], GenConfig(max_tokens=4))])[0]
     assert res.method == "lora" and res.prefix == "none"
     assert res.output_ids == generate_alone(tiny, None, [5, 9], 4)[0]
+
+
+@pytest.mark.parametrize("top_p", [2.2250738585072014e-308, 1e-9, 0.5])
+def test_top_p_keeps_the_top_token(top_p):
+    """top_p below float32's smallest value (found by schemathesis) still samples the top token."""
+    from idp_core.sampling import logits_to_probs
+
+    logits = torch.tensor([0.5, 2.0, -1.0, 1.9])
+    probs = logits_to_probs(logits, GenConfig(temperature=1.0, top_p=top_p))
+    assert torch.isfinite(probs).all() and probs.sum().item() == pytest.approx(1.0)
+    assert probs[1] > 0 and (probs[1] == 1.0) == (top_p < 0.5)
