@@ -37,7 +37,7 @@ serve: install
 
 # A few thousand schemathesis cases against a real server (the suite runs a bounded number).
 fuzz: install
-	$(PY) -m pytest -q -s tests/http/test_fuzz.py --fuzz-examples 200
+	$(PY) -m pytest -q -s tests/http/test_fuzz.py --fuzz-examples 1000
 
 lint: install
 	$(VENV)/bin/ruff check idp_core server tests

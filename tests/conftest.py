@@ -13,7 +13,7 @@ from idp_core.kv import precompute_prompt_kv  # noqa: E402
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--fuzz-examples", type=int, default=25,
-                     help="schemathesis examples per operation (make fuzz: 200)")
+                     help="schemathesis examples per operation (make fuzz: 1000)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
