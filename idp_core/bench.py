@@ -208,13 +208,35 @@ def run_prefix(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> d
     return {"records": records}
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
+    """Poll `url`/health until it answers 200; RuntimeError if `proc` exits first,
+    TimeoutError after `timeout_s`."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"server not healthy within {timeout_s} s")
+
+
 class ServerProcess:
     """`python -m server` on a free loopback port, for as long as the `with` block runs."""
 
     def __init__(self, args: argparse.Namespace, *, timeout_s: float = 900.0) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", "server", "--port", str(self.port), "--dtype",
                     args.dtype, "--device", args.device, "--max-batch-size", str(args.batch),
@@ -223,25 +245,16 @@ class ServerProcess:
         self.timeout_s = timeout_s
 
     def __enter__(self) -> ServerProcess:
-        import httpx
-
         self.log = tempfile.NamedTemporaryFile("w", prefix="idp-bench-server-", suffix=".log",
                                                delete=False)
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=Path(__file__).resolve().parents[1])
-        deadline = time.monotonic() + self.timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; "
-                                   f"see {self.log.name}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        self.__exit__()
-        raise TimeoutError(f"server not healthy within {self.timeout_s} s; see {self.log.name}")
+        try:
+            wait_healthy(self.proc, self.url, self.timeout_s)
+        except (RuntimeError, TimeoutError) as e:
+            self.__exit__()
+            raise type(e)(f"{e}; see {self.log.name}") from None
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.proc.terminate()

@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 import torch
 from tiny import random_bank, tiny_llama
+
+from idp_core.bench import free_port, wait_healthy
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_tiny_artefacts(folder: Path, *, max_context: int = 512) -> dict[str, Path]:
@@ -63,19 +56,13 @@ class RemoteServer:
             self.wait_ready(timeout_s)
 
     def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n"
-                                   f"{self.output()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise TimeoutError(f"server not healthy within {timeout_s} s")
+        try:
+            wait_healthy(self.proc, self.url, timeout_s)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}:\n{self.output()}") from None
+        except TimeoutError:
+            self.stop()
+            raise
 
     def stop(self, timeout_s: float = 30.0) -> int:
         if self.proc.poll() is None:
