@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from idp_core.attention import enable_prefix_attention, prefix_attention_mask
 from idp_core.config import AUTO, CONCAT, NONE, GenConfig, SelectConfig
 from idp_core.kv import PrefixKV, PromptKVStore, concat_rows, select_rows, stack_prefixes
 from idp_core.model import LoadedModel
@@ -110,6 +111,8 @@ class Engine:
         self.method_without_bank = method_without_bank  # "lora" for a LoRA-mode server
         causal_lm = lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model
         self.decoder = causal_lm.get_decoder()
+        # Prefill attends to the cached prefix and causally to the input without a dense mask.
+        self.split_prefill = enable_prefix_attention(causal_lm)
         self.lm_head = causal_lm.get_output_embeddings()
         self.device = lm.device
         tok = lm.tokenizer
@@ -205,7 +208,7 @@ class Engine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_mask.shape[1] :]
         hidden = self.decoder(
             input_ids=ids,
-            attention_mask=mask,
+            attention_mask=prefix_attention_mask(prefix_mask) if self.split_prefill else mask,
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
