@@ -75,31 +75,39 @@ def input_rows(lm: LoadedModel, batch: int, seq_len: int) -> list[list[int]]:
     return ids[: batch * seq_len].view(batch, seq_len).tolist()
 
 
-def lora_variant(lm: LoadedModel, rank: int) -> Engine:
-    """The same weights with an unmerged rank-r LoRA on q,k,v,o,gate,up,down (peft)."""
+def lora_variant(lm: LoadedModel, rank: int, *, adapter_fp32: bool = False) -> Engine:
+    """The same weights with an unmerged rank-r LoRA on q,k,v,o,gate,up,down (peft).
+
+    Adapter weights are in the model's dtype, as `attach_lora` serves them; `adapter_fp32`
+    keeps peft's default instead (float32 adapters on a bfloat16 model).
+    """
     from peft import LoraConfig, get_peft_model
 
     base = copy.deepcopy(lm.model)
     peft_model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank,
                                                  target_modules=list(LORA_TARGETS),
-                                                 init_lora_weights=False)).eval()
+                                                 init_lora_weights=False),
+                                autocast_adapter_dtype=adapter_fp32).eval()
     wrapped = LoadedModel(peft_model, lm.tokenizer, lm.name, lm.source, lm.kind,
                           lm.dequantized, lm.fingerprint)
     return Engine(wrapped, None, method_without_bank="lora")
 
 
-def build_variants(lm: LoadedModel, bank: PromptBank, lora_ranks: list[int]) -> list[Variant]:
+def build_variants(lm: LoadedModel, bank: PromptBank, lora_ranks: list[int],
+                   lora_fp32_ranks: list[int]) -> list[Variant]:
     engine = Engine(lm, precompute_prompt_kv(lm.model, bank))
     longest = bank.names[max(range(len(bank.names)), key=lambda i: bank.lengths[i])]
     variants = [Variant("none", engine, NONE), Variant(f"prompt:{longest}", engine, longest),
                 Variant("idp", engine, AUTO), Variant("concat", engine, CONCAT)]
     variants += [Variant(f"lora-r{r}", lora_variant(lm, r), NONE) for r in lora_ranks]
+    variants += [Variant(f"lora-r{r}-fp32", lora_variant(lm, r, adapter_fp32=True), NONE)
+                 for r in lora_fp32_ranks]
     return variants
 
 
 def run_latency(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> dict[str, Any]:
     """Forward (selection + prefill of B x L) and generation of N new tokens, per variant."""
-    variants = build_variants(lm, bank, args.lora_ranks)
+    variants = build_variants(lm, bank, args.lora_ranks, args.lora_fp32_ranks)
     records: list[dict[str, Any]] = []
     for seq_len in args.lengths:
         rows = input_rows(lm, args.batch, seq_len)
@@ -500,6 +508,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generate-lengths", type=int, nargs="*", default=[128])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--lora-ranks", type=int, nargs="*", default=[2, 3, 4])
+    parser.add_argument("--lora-fp32-ranks", type=int, nargs="*", default=[4],
+                        help="LoRA ranks also timed with peft's default float32 adapter weights")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--bank-sizes", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--seq-len", type=int, default=128)

@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from idp_core.bank import PromptBank
     from idp_core.data import load_wikitext2, read_texts
     from idp_core.kv import precompute_prompt_kv
-    from idp_core.model import load_model
+    from idp_core.model import attach_lora, load_model
 
     if args.bank and args.lora:
         raise ValueError("--bank and --lora are separate modes: give one of them")
@@ -147,9 +147,7 @@ def run(args: argparse.Namespace) -> int:
         if selections == ["all"]:
             selections = ["none", *bank.names, "concat", "auto"]
     elif args.lora:
-        from peft import PeftModel
-
-        lm.model = PeftModel.from_pretrained(lm.model, args.lora).eval()
+        attach_lora(lm, args.lora)
         method = "lora"
         selections = ["none"]
     engine = Engine(lm, store, select_config=SelectConfig(score=args.score, align=args.align),

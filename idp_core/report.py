@@ -56,10 +56,6 @@ def run_method(engine, tasks, *, selection: str, batch_size: int, ppl_ids, ppl_w
     return out
 
 
-def lora_parameters(model) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-
-
 # ---- CLI --------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="compressed checkpoint (default: built-in)")
@@ -116,14 +112,12 @@ def _engine(lm, bank_path):
 
 
 def _lora_engine(source, lora_path, dtype):
-    from peft import PeftModel
-
     from idp_core.generate import Engine
-    from idp_core.model import load_model
+    from idp_core.model import attach_lora, load_model
 
     lm = load_model(source, dtype=dtype)
-    lm.model = PeftModel.from_pretrained(lm.model, str(lora_path)).eval()
-    return Engine(lm, None, method_without_bank="lora"), lora_parameters(lm.model)
+    params = attach_lora(lm, lora_path)
+    return Engine(lm, None, method_without_bank="lora"), params
 
 
 def run_eval(args: argparse.Namespace) -> int:

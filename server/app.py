@@ -22,7 +22,7 @@ from idp_core.bank import PromptBank
 from idp_core.config import GenConfig, SelectConfig
 from idp_core.generate import Engine, GenRequest
 from idp_core.kv import precompute_prompt_kv
-from idp_core.model import LoadedModel, load_model
+from idp_core.model import LoadedModel, attach_lora, load_model
 from server.engine import AsyncEngine
 from server.errors import error_body, install_handlers
 from server.metrics import Metrics
@@ -75,9 +75,7 @@ def load_state(settings: Settings, metrics_registry: Any = None) -> ServingState
     lm = load_model(model_source, dtype=settings.dtype, device=settings.device)
     store = None
     if settings.lora:
-        from peft import PeftModel
-
-        lm.model = PeftModel.from_pretrained(lm.model, settings.lora).eval()  # unmerged
+        attach_lora(lm, settings.lora)  # unmerged
         mode = "lora"
     elif bank is not None:
         bank.check_model(lm.fingerprint, strict=settings.strict_fingerprint, origin=bank_dir or "")

@@ -143,3 +143,29 @@ def test_cli_trains_bank_and_adapter(tmp_path):
 def test_train_config_errors(kwargs, field):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**kwargs)
+
+
+def test_attached_lora_runs_in_the_model_dtype(tmp_path):
+    """A saved adapter attaches unmerged with weights in the model's dtype (not peft's float32
+    default) and computes what peft's default computes, up to bfloat16 rounding."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from idp_core.model import attach_lora
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                        init_lora_weights=False)
+    get_peft_model(tiny_llama(seed=2).model, config).save_pretrained(tmp_path)
+    lm = tiny_llama(seed=2)
+    lm.model.to(torch.bfloat16)
+    num = attach_lora(lm, tmp_path)
+    lora = {n: p for n, p in lm.model.named_parameters() if "lora_" in n}
+    assert num == sum(p.numel() for p in lora.values()) > 0
+    assert {p.dtype for p in lora.values()} == {torch.bfloat16}
+    reference = tiny_llama(seed=2).model.to(torch.bfloat16)
+    reference = PeftModel.from_pretrained(reference, str(tmp_path)).eval()  # float32 adapters
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    with torch.no_grad():
+        got, want = lm.model(ids).logits.float(), reference(ids).logits.float()
+        base = tiny_llama(seed=2).model.to(torch.bfloat16)(ids).logits.float()
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)
+    assert (got - base).abs().max() > 0.1  # the adapter is applied
