@@ -36,14 +36,15 @@ def prefix_attention_mask(valid: Tensor) -> Tensor:
 
 
 def is_prefix_mask(mask: Tensor | None, query: Tensor, key: Tensor) -> bool:
-    """True for a prefix mask: [B, 1, 1, W] with W = keys - queries, and more than one query.
+    """True for a prefix mask: [B, 1, 1, W] bool with W = keys - queries.
 
-    No transformers mask has this shape (theirs cover every key), so it cannot be taken for one.
+    No transformers mask has this shape (theirs cover every key, a decode step's too), so it
+    cannot be taken for one.
     """
     if mask is None or mask.dim() != 4 or mask.dtype != torch.bool:
         return False
     width = key.shape[2] - query.shape[2]
-    return query.shape[2] > 1 and mask.shape[1:3] == (1, 1) and mask.shape[3] == width
+    return mask.shape[1:3] == (1, 1) and mask.shape[3] == width
 
 
 def dense_mask(valid: Tensor, num_queries: int) -> Tensor:

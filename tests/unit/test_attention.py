@@ -67,8 +67,10 @@ def test_attention_function_splits_prefix_masks_and_defers_the_rest():
     out, _ = prefix_attention_forward(module, q, k, v, dense, scaling=0.25)
     ref, _ = sdpa_attention_forward(module, q, k, v, dense, scaling=0.25)
     assert torch.equal(out, ref)
-    # One query (a decode step) is never split.
-    assert not is_prefix_mask(mask, q[:, :, :1], k[:, :, : k.shape[2] - q.shape[2] + 1])
+    # A decode step's mask covers every key; a one-token prefill's prefix mask does not.
+    one = k[:, :, : valid.shape[1] + 1]
+    assert not is_prefix_mask(dense[:, :, -1:, : one.shape[2]], q[:, :, :1], one)
+    assert is_prefix_mask(mask, q[:, :, :1], one)
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +99,15 @@ def test_engine_uses_split_prefill_and_matches_each_row_alone(sdpa_tiny):
         echo = torch.tensor([lp.logprob for lp in res.prompt_logprobs[1:]])
         torch.testing.assert_close(echo, prompt_logprobs_alone(lm, prefix, req.input_ids),
                                    atol=1e-4, rtol=0)
+
+
+def test_one_token_inputs_on_a_prefix(sdpa_tiny):
+    """A batch whose inputs are all one token long (the server's warm-up) prefills one query."""
+    lm, bank, store = sdpa_tiny
+    reqs = [GenRequest([7], GenConfig(max_tokens=3), sel) for sel in ("p1", "none", "p0")]
+    for req, res in zip(reqs, Engine(lm, store).generate(reqs), strict=True):
+        prefix = None if req.selection == "none" else bank.prompts[bank.index(req.selection)]
+        assert res.output_ids == generate_alone(lm, prefix, req.input_ids, 3)[0]
 
 
 def test_eager_models_keep_their_attention(tiny, tiny_store):
