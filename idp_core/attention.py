@@ -10,9 +10,10 @@ attention is split, as cascade / flash-decoding kernels do: the input's queries 
 
 and the two partial outputs are merged by their log-sum-exps. The engine asks for it by
 passing a *prefix mask* [B, 1, 1, W] (W = key length - query length) as `attention_mask`;
-transformers hands 4-D masks to the attention function untouched. Any other mask goes to
-transformers' own SDPA function, so a model switched to this implementation computes exactly
-what it did before everywhere else (decode steps, training, reference forwards).
+transformers hands 4-D masks to the attention function untouched. Decode steps (one query per
+row) run as batched matmuls on CPU, where the fused kernel is slow for that shape. Everything
+else goes to transformers' own SDPA function, so a model switched to this implementation
+computes what it did before (training, reference forwards).
 """
 
 from __future__ import annotations
@@ -89,6 +90,32 @@ def split_prefix_attention(
     return torch.lerp(out_c, out_p, weight[..., None].to(out_c.dtype))
 
 
+def decode_attention(
+    query: Tensor,  # [B, H, 1, D]
+    key: Tensor,  # [B, Hkv, S, D]
+    value: Tensor,  # [B, Hkv, S, D]
+    mask: Tensor | None,  # [B, 1, 1, S] bool (True: attend) or additive, or None
+    *,
+    scale: float,
+) -> Tensor:
+    """Attention of one query per row, as batched float32 matmuls: [B, H, 1, D].
+
+    The query heads sharing a K/V head become the rows of one matmul against that head's keys
+    (no K/V repeat). On the development CPU the fused flash kernel took 1.8 ms per layer for this
+    shape (16 rows, 230 keys, bfloat16) and this 0.57 ms; the kernel is built for blocks of
+    queries, and a decode step's attention was half of the step.
+    """
+    batch, heads, _, dim = query.shape
+    groups = heads // key.shape[1]
+    q = query.reshape(batch, key.shape[1], groups, dim).float()  # [B, Hkv, G, D]
+    logits = (q @ key.float().transpose(-1, -2)) * scale  # [B, Hkv, G, S]
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool \
+            else logits + mask
+    out = torch.softmax(logits, dim=-1) @ value.float()  # [B, Hkv, G, D]
+    return out.to(query.dtype).reshape(batch, heads, 1, dim)
+
+
 def prefix_attention_forward(
     module: torch.nn.Module,
     query: Tensor,  # [B, H, T, D]
@@ -99,19 +126,21 @@ def prefix_attention_forward(
     scaling: float | None = None,
     **kwargs: object,
 ) -> tuple[Tensor, None]:
-    """transformers attention function: split attention for a prefix mask, SDPA otherwise."""
-    if not is_prefix_mask(attention_mask, query, key) or dropout > 0:
-        return sdpa_attention_forward(module, query, key, value, attention_mask,
-                                      dropout=dropout, scaling=scaling, **kwargs)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if query.device.type == "cpu":
-        out = split_prefix_attention(query, key, value, attention_mask, scale=scale)
-    else:  # TODO: CUDA's flash / efficient kernels also return the LSE; not measured here
-        mask = dense_mask(attention_mask[:, 0, 0], query.shape[2])
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, scale=scale,
-            enable_gqa=query.shape[1] != key.shape[1])
-    return out.transpose(1, 2).contiguous(), None  # [B, T, H, D], as SDPA's function returns
+    """transformers attention function. On CPU: split attention for a prefix mask, batched
+    matmuls for a decode step; everything else (and off CPU) is transformers' SDPA function,
+    a prefix mask turned into the equivalent dense one there."""
+    prefix = is_prefix_mask(attention_mask, query, key)
+    if dropout == 0 and query.device.type == "cpu" and (prefix or query.shape[2] == 1):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if prefix:
+            out = split_prefix_attention(query, key, value, attention_mask, scale=scale)
+        else:
+            out = decode_attention(query, key, value, attention_mask, scale=scale)
+        return out.transpose(1, 2).contiguous(), None  # [B, T, H, D], as SDPA's function returns
+    if prefix:  # TODO: split off CPU too (CUDA's flash / efficient kernels return the LSE)
+        attention_mask = dense_mask(attention_mask[:, 0, 0], query.shape[2])
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                  scaling=scaling, **kwargs)
 
 
 AttentionInterface.register(PREFIX_ATTENTION, prefix_attention_forward)

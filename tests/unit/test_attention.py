@@ -9,6 +9,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from idp_core.attention import (
     PREFIX_ATTENTION,
+    decode_attention,
     dense_mask,
     is_prefix_mask,
     prefix_attention_forward,
@@ -71,6 +72,21 @@ def test_attention_function_splits_prefix_masks_and_defers_the_rest():
     one = k[:, :, : valid.shape[1] + 1]
     assert not is_prefix_mask(dense[:, :, -1:, : one.shape[2]], q[:, :, :1], one)
     assert is_prefix_mask(mask, q[:, :, :1], one)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive", "none"])
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_decode_attention_equals_masked_softmax(kind, dtype, atol):
+    q, k, v, valid = random_case(seq=1, dtype=dtype)
+    visible = torch.cat([valid.bool(), torch.ones(len(valid), 1, dtype=torch.bool)], 1)
+    visible = visible[:, None, None, :]  # [B, 1, 1, S]: prefix pads hidden, the token itself seen
+    mask = {"bool": visible, "none": None,
+            "additive": torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))}[kind]
+    got = decode_attention(q, k, v, mask, scale=0.25)
+    want = naive_attention(q, k, v, visible if mask is not None else torch.ones_like(visible),
+                           0.25)
+    assert got.dtype == dtype and got.shape == q.shape
+    torch.testing.assert_close(got.double(), want, atol=atol, rtol=0)
 
 
 @pytest.fixture(scope="module")
