@@ -92,9 +92,8 @@ def select_prompts(
         cos_s, sin_s = base.rotary_emb(k_prompts, shift)  # [1, N, D]
         k_prompts = k_prompts * cos_s[:, None] + rotate_half(k_prompts) * sin_s[:, None]
     k_prompts = repeat_kv(k_prompts, num_heads // num_kv)
-    onehot = torch.nn.functional.one_hot(store.segment.to(device), num_prompts).float()  # [N, P]
-    if config.score == "mean":
-        onehot = onehot / lengths  # mean over each prompt's tokens
+    ends = torch.tensor(store.lengths).cumsum(0).tolist()
+    bounds = list(zip([0, *ends[:-1]], ends, strict=True))  # prompt i's columns in k_prompts
     valid = attention_mask.to(device).bool()  # [B, T]
     # Right padding: a real token t sees only keys <= t, all real, so plain causal is exact for
     # every row; padding queries are dropped by `valid` below.
@@ -103,8 +102,13 @@ def select_prompts(
     for t0 in range(0, seq, config.query_chunk):
         t1 = min(seq, t0 + config.query_chunk)
         to_prompts = q[:, :, t0:t1] @ k_prompts.transpose(-1, -2)  # [B, Hq, C, N]
-        lse = torch.logaddexp(torch.logsumexp(to_prompts, dim=-1), lse_self[:, :, t0:t1])
-        per_prompt = torch.exp(to_prompts - lse[..., None]) @ onehot  # [B, Hq, C, P]
+        # log of the unnormalised attention mass on each prompt; one pass over the logits
+        per_prompt = torch.stack([torch.logsumexp(to_prompts[..., a:b], dim=-1)
+                                  for a, b in bounds], dim=-1)  # [B, Hq, C, P]
+        lse = torch.logaddexp(torch.logsumexp(per_prompt, dim=-1), lse_self[:, :, t0:t1])
+        per_prompt = torch.exp(per_prompt - lse[..., None])  # attention share of each prompt
+        if config.score == "mean":
+            per_prompt = per_prompt / lengths  # per prompt token
         per_prompt = per_prompt.mean(dim=1) * valid[:, t0:t1, None]  # [B, C, P]
         totals += per_prompt.sum(dim=1)
     scores = totals / valid.sum(dim=1, keepdim=True).clamp(min=1)
