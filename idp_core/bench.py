@@ -1,4 +1,4 @@
-"""`idp bench latency|selection|prefix|served|memory`: timings, interleaved, medians, JSON + PNG.
+"""`idp bench latency|selection|prefix|served|memory|profile`: timings, JSON + PNG.
 
 Variants run A B C A B C ... so drift on a shared machine hits all alike; each figure is the
 median over repeats with the 10th-90th percentile spread. Nothing here asserts a timing.
@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from idp_core.bank import PromptBank
+from idp_core.bench_render import TABLES, plot
 from idp_core.config import AUTO, CONCAT, NONE, GenConfig
 from idp_core.data import load_wikitext2
 from idp_core.generate import Engine, GenRequest
@@ -216,6 +217,38 @@ def run_prefix(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> d
     return {"records": records}
 
 
+OP_GROUPS = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm"),
+             "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                           "aten::_softmax", "aten::lerp"),
+             "copy": ("aten::copy_",)}
+
+
+def run_profile(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> dict[str, Any]:
+    """Where one forward of B x seq_len goes (torch.profiler, self CPU time by operator): no
+    recovery, the longest prompt as cached KV, IDP, and the largest LoRA rank unmerged."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rank = max(args.lora_ranks)
+    variants = [v for v in build_variants(lm, bank, [rank], []) if v.name != "concat"]
+    rows = input_rows(lm, args.batch, args.seq_len)
+    records = []
+    for v in variants:
+        reqs = [GenRequest(r, GenConfig(max_tokens=1), v.selection) for r in rows]
+        for _ in range(args.warmup):
+            v.engine.start(reqs)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            seconds, _ = timed(lambda v=v, reqs=reqs: v.engine.start(reqs), lm.device)
+        ops = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+        groups = {g: sum(ops.get(k, 0.0) for k in keys) for g, keys in OP_GROUPS.items()}
+        groups["other"] = sum(ops.values()) - sum(groups.values())
+        top = sorted(ops.items(), key=lambda kv: -kv[1])[:8]
+        records.append({"variant": v.name, "batch": args.batch, "seq_len": args.seq_len,
+                        "wall_s": seconds, "self_cpu_s": groups,
+                        "top_ops": [{"op": k, "self_cpu_s": t} for k, t in top]})
+        log.info("%s: %.2f s %s", v.name, seconds, groups)
+    return {"records": records}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -373,127 +406,8 @@ def environment(lm: LoadedModel) -> dict[str, Any]:
             "git_commit": commit}
 
 
-# ---- tables and plots ---------------------------------------------------------------------
-def latency_table(result: dict[str, Any]) -> str:
-    lines = ["| task | L | variant | median s | p10-p90 s | x none |", "|---|---|---|---|---|---|"]
-    for r in result["records"]:
-        if r["variant"] == "idp-selection-pass":
-            lines.append(f"| {r['task']} | {r['seq_len']} | selection pass | {r['median']:.4f} "
-                         f"| {r['p10']:.4f}-{r['p90']:.4f} | "
-                         f"{100 * r['fraction_of_request']:.2f}% of IDP request |")
-        else:
-            lines.append(f"| {r['task']} | {r['seq_len']} | {r['variant']} | {r['median']:.3f} "
-                         f"| {r['p10']:.3f}-{r['p90']:.3f} | {r['ratio_to_none']:.3f} |")
-    lines += ["", "| task | L | IDP / LoRA |", "|---|---|---|"]
-    lines += [f"| {r['task']} | {r['seq_len']} | {r['idp_over_lora']:.3f} ({r['lora']}) |"
-              for r in result["idp_over_lora"]]
-    return "\n".join(lines)
-
-
-def selection_table(result: dict[str, Any]) -> str:
-    lines = ["| m | B | selection s | request s | fraction |", "|---|---|---|---|---|"]
-    lines += [f"| {r['bank_size']} | {r['batch']} | {r['selection_s']['median']:.4f} | "
-              f"{r['request_s']['median']:.3f} | {100 * r['fraction']:.2f}% |"
-              for r in result["records"]]
-    return "\n".join(lines)
-
-
-def prefix_table(result: dict[str, Any]) -> str:
-    lines = ["| prompt (n) | B x L | cached s | recomputed s | speed-up | resident KV |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['prompt']} ({r['prompt_len']}) | {r['batch']} x {r['seq_len']} | "
-              f"{r['cached_s']['median']:.3f} | {r['recomputed_s']['median']:.3f} | "
-              f"{r['speedup']:.2f}x | {r['resident_kv_bytes'] / 1e6:.2f} MB |"
-              for r in result["records"]]
-    return "\n".join(lines)
-
-
-def served_table(result: dict[str, Any]) -> str:
-    lines = ["| path | B x L, new tokens | median s | p10-p90 s | tokens/s |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {r['batch']} x {r['seq_len']}, {r['new_tokens']} | "
-              f"{r['median']:.3f} | {r['p10']:.3f}-{r['p90']:.3f} | {r['tokens_per_s']:.1f} |"
-              for r in result["records"]]
-    lines.append(f"\nserved / in-process throughput: {result['served_over_inprocess']:.3f}")
-    return "\n".join(lines)
-
-
-def memory_table(result: dict[str, Any]) -> str:
-    lines = ["| batches run | RSS MB | live tensors MB |", "|---|---|---|"]
-    lines += [f"| {r['batches']} | {r['rss_mb']:.0f} | {r['live_tensor_mb']:.0f} |"
-              for r in result["records"]]
-    return "\n".join(lines)
-
-
-def plot(kind: str, result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    if kind == "latency":
-        recs = [r for r in result["records"] if r["variant"] != "idp-selection-pass"]
-        groups = sorted({(r["task"], r["seq_len"]) for r in recs})
-        names = list(dict.fromkeys(r["variant"] for r in recs))
-        width = 0.8 / len(names)
-        for i, name in enumerate(names):
-            ys = [next(r["ratio_to_none"] for r in recs if (r["task"], r["seq_len"]) == g
-                       and r["variant"] == name) for g in groups]
-            ax.bar([j + i * width for j in range(len(groups))], ys, width, label=name)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))],
-                      [f"{t}\nL={L}" for t, L in groups])
-        ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_ylabel("latency / no recovery (median)")
-        ax.set_title("Latency by recovery method (lower is better)")
-    elif kind == "selection":
-        for m in sorted({r["bank_size"] for r in result["records"]}):
-            recs = [r for r in result["records"] if r["bank_size"] == m]
-            ax.plot([r["batch"] for r in recs], [100 * r["fraction"] for r in recs], "o-",
-                    label=f"m={m}")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("selection pass, % of request")
-        ax.set_title("IDP selection overhead")
-    elif kind == "memory":
-        recs = [r for r in result["records"] if isinstance(r["batches"], int)]
-        ax.plot([r["batches"] for r in recs], [r["rss_mb"] for r in recs], "o-", label="RSS")
-        ax.plot([r["batches"] for r in recs], [r["live_tensor_mb"] for r in recs], "s-",
-                label="live tensors")
-        ax.axhline(result["records"][-1]["rss_mb"], color="grey", ls="--",
-                   label="RSS after malloc_trim")
-        ax.set_xlabel("batches of random shapes")
-        ax.set_ylabel("MB")
-        ax.set_title("Engine memory: allocator retention, not live tensors")
-    elif kind == "served":
-        recs = result["records"]
-        ax.bar([r["variant"] for r in recs], [r["tokens_per_s"] for r in recs])
-        ax.set_ylabel("generated tokens/s (median)")
-        ax.set_title(f"Same {recs[0]['batch']} requests: served / in-process = "
-                     f"{result['served_over_inprocess']:.2f}")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return
-    else:
-        recs = result["records"]
-        xs = range(len(recs))
-        ax.bar([x - 0.2 for x in xs], [r["cached_s"]["median"] for r in recs], 0.4,
-               label="cached prompt KV")
-        ax.bar([x + 0.2 for x in xs], [r["recomputed_s"]["median"] for r in recs], 0.4,
-               label="recompute [P; X]")
-        ax.set_xticks(list(xs), [f"{r['prompt']} (n={r['prompt_len']})" for r in recs])
-        ax.set_ylabel("prefill seconds (median)")
-        ax.set_title("Prompt as cached KV vs recomputed per request")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-RUNNERS = {"latency": (run_latency, latency_table), "selection": (run_selection, selection_table),
-           "prefix": (run_prefix, prefix_table), "served": (run_served, served_table),
-           "memory": (run_memory, memory_table)}
+RUNNERS = {"latency": run_latency, "selection": run_selection, "prefix": run_prefix,
+           "served": run_served, "memory": run_memory, "profile": run_profile}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -523,14 +437,14 @@ def run(args: argparse.Namespace) -> int:
     lm = load_model(args.model or ensure_default_model(), dtype=args.dtype, device=args.device)
     bank = PromptBank.load(args.bank or DEFAULT_BANK)
     bank.check_model(lm.fingerprint)
-    runner, table = RUNNERS[args.which]
+    runner = RUNNERS[args.which]
     result = {"benchmark": args.which, "env": environment(lm),
               "args": {k: v for k, v in vars(args).items() if k != "func"},
               **runner(lm, bank, args)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.which}.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = table(result)
+    text = TABLES[args.which](result)
     (out / f"{args.which}.md").write_text(text + "\n")
     plot(args.which, result, out / f"{args.which}.png")
     print(text)

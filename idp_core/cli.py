@@ -12,7 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("server.__main__", "serve the OpenAI-compatible HTTP API"),
     "loadgen": ("server.loadgen", "closed-loop streaming load against running servers"),
     "soak": ("server.soak", "bounded load/soak test past capacity: errors, latency, leaks"),
-    "bench": ("idp_core.bench", "latency / selection / prefix benchmarks (JSON, table, PNG)"),
+    "bench": ("idp_core.bench", "latency, selection, prefix, served, memory, profile benchmarks"),
     "compress": ("idp_core.compress", "GPTQ / SparseGPT compression with llm-compressor"),
     "train-prompts": ("idp_core.train", "train a bank of soft prompts on a compressed model"),
     "train-lora": ("idp_core.train", "train the LoRA baseline adapter on a compressed model"),
