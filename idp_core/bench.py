@@ -391,19 +391,24 @@ def run_memory(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> d
     return {"records": records}
 
 
-def environment(lm: LoadedModel) -> dict[str, Any]:
+def machine() -> dict[str, Any]:
+    """Date, machine, torch and the git commit a benchmark ran at."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 check=True, cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    device = lm.device
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": platform.machine(), "processor": platform.processor(),
             "cpu_count": torch.get_num_threads(), "torch": torch.__version__,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "dtype": str(lm.dtype).removeprefix("torch."), "model": lm.name,
             "git_commit": commit}
+
+
+def environment(lm: LoadedModel) -> dict[str, Any]:
+    device = lm.device
+    return {**machine(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "dtype": str(lm.dtype).removeprefix("torch."), "model": lm.name}
 
 
 RUNNERS = {"latency": run_latency, "selection": run_selection, "prefix": run_prefix,

@@ -153,6 +153,21 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def environment(targets: list[list[str]], args: argparse.Namespace) -> dict[str, Any]:
+    """This machine and commit, and what each target reports it serves (its /v1/models)."""
+    from idp_core.bench import machine
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    served = {}
+    for name, url in targets:
+        try:
+            served[name] = httpx.get(url.rstrip("/") + "/v1/models", headers=headers,
+                                     timeout=10).json()["data"][0]
+        except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
+            served[name] = {"error": repr(e)}
+    return {**machine(), "targets": served}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", action="append", required=True,
                         help="NAME=URL of a running server (repeat to compare, interleaved)")
@@ -185,7 +200,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serving.json").write_text(json.dumps(
-        {"args": vars(args), "results": results}, indent=2, default=str) + "\n")
+        {"env": environment(targets, args), "args": vars(args), "results": results}, indent=2,
+        default=str) + "\n")
     (out / "serving.md").write_text(table(results) + "\n")
     plot(results, out / "serving.png")
     print(table(results))

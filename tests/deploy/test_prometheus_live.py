@@ -306,7 +306,9 @@ def test_compose_loadgen_command_runs_against_both_servers(
     out = subprocess.run(["sh", "-c", script], env={**os.environ, **env}, capture_output=True,
                          text=True, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
-    results = json.loads((tmp_path / "out" / "serving.json").read_text())["results"]
+    written = json.loads((tmp_path / "out" / "serving.json").read_text())
+    assert {written["env"]["targets"][t]["mode"] for t in ("idp", "lora")} == {"idp", "lora"}
+    results = written["results"]
     assert {(r["target"], r["concurrency"]) for r in results} == {
         (t, c) for t in ("idp", "lora") for c in (1, 2)
     }
