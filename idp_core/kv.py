@@ -127,17 +127,24 @@ def stack_prefixes(
     dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     lengths = [0 if e is None else e.length for e in entries]
     batch, width = len(entries), max(lengths)
+    # One copy per distinct prefix and layer, broadcast over its rows (a per-row loop was
+    # 2 x layers x B small copies: ~1000 kernel launches per batch on a GPU).
+    rows: dict[int, list[int]] = {}
+    for b, e in enumerate(entries):
+        if e is not None:
+            rows.setdefault(id(e), []).append(b)
+    groups = [(entries[r[0]], torch.tensor(r, device=param.device)) for r in rows.values()]
     mask = torch.zeros(batch, width, dtype=torch.long, device=param.device)
+    for e, idx in groups:
+        mask[idx, width - e.length :] = 1
     layers = []
     for i in range(cfg.num_hidden_layers):
         layer = GrowingLayer(batch, heads, width + reserve, dim, dtype=param.dtype,
                              device=param.device)
         k, v = layer.append_empty(width)
-        for b, e in enumerate(entries):
-            if e is not None:
-                k[b, :, width - e.length :] = e.keys[i].to(param.device, non_blocking=True)
-                v[b, :, width - e.length :] = e.values[i].to(param.device, non_blocking=True)
-                mask[b, width - e.length :] = 1
+        for e, idx in groups:
+            k[idx, :, width - e.length :] = e.keys[i].to(param.device, non_blocking=True)
+            v[idx, :, width - e.length :] = e.values[i].to(param.device, non_blocking=True)
         layers.append(layer)
     return make_cache(layers), mask
 
