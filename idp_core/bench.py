@@ -33,7 +33,7 @@ from idp_core.config import AUTO, CONCAT, NONE, GenConfig
 from idp_core.data import load_wikitext2
 from idp_core.generate import Engine, GenRequest
 from idp_core.kv import precompute_prompt_kv
-from idp_core.model import LoadedModel, load_model
+from idp_core.model import LoadedModel, load_model, resolve_device, resolve_dtype, wrap_model
 from idp_core.train import LORA_TARGETS
 
 log = logging.getLogger(__name__)
@@ -393,15 +393,39 @@ def run_memory(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> d
 
 def machine() -> dict[str, Any]:
     """Date, machine, torch and the git commit a benchmark ran at."""
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True, cwd=Path(__file__).parent).stdout.strip()
+        commit = git("rev-parse", "HEAD")
+        if git("status", "--porcelain", "--untracked-files=no"):
+            commit += "+uncommitted"
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": platform.machine(), "processor": platform.processor(),
             "cpu_count": torch.get_num_threads(), "torch": torch.__version__,
             "git_commit": commit}
+
+
+def random_model(folder: str | Path, *, dtype: str, device: str, seed: int = 0) -> LoadedModel:
+    """The checkpoint's architecture and tokenizer with random dense weights.
+
+    Latency depends on shapes, not on weight values; this times a model on a machine its
+    weights cannot reach (the GPU machine lent to development sessions takes 64 MiB, the
+    compressed default checkpoint is 173 MB). Any quantization config is dropped.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype))
+    model.to(resolve_device(device))
+    return wrap_model(model, AutoTokenizer.from_pretrained(folder),
+                      name=f"{Path(folder).name} (random weights)")
 
 
 def environment(lm: LoadedModel) -> dict[str, Any]:
@@ -421,6 +445,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bank", default=None, help="prompt bank; default: the shipped bank")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="--model's architecture with random weights (timing only)")
     parser.add_argument("--out", default="docs/bench", help="folder for JSON, table and PNG")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024])
@@ -439,7 +465,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from idp_core.artefacts import DEFAULT_BANK, ensure_default_model
 
-    lm = load_model(args.model or ensure_default_model(), dtype=args.dtype, device=args.device)
+    model = args.model or ensure_default_model()
+    if args.random_weights:
+        lm = random_model(model, dtype=args.dtype, device=args.device)
+    else:
+        lm = load_model(model, dtype=args.dtype, device=args.device)
     bank = PromptBank.load(args.bank or DEFAULT_BANK)
     bank.check_model(lm.fingerprint)
     runner = RUNNERS[args.which]
