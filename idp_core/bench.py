@@ -219,32 +219,46 @@ def run_prefix(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> d
 
 OP_GROUPS = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm"),
              "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                           "aten::_cudnn_attention_forward",
+                           "aten::_scaled_dot_product_efficient_attention",
+                           "aten::_scaled_dot_product_flash_attention",
                            "aten::_softmax", "aten::lerp"),
              "copy": ("aten::copy_",)}
+
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")
 
 
 def run_profile(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> dict[str, Any]:
     """Where one forward of B x seq_len goes (torch.profiler, self CPU time by operator): no
-    recovery, the longest prompt as cached KV, IDP, and the largest LoRA rank unmerged."""
+    recovery, the longest prompt as cached KV, IDP, and the largest LoRA rank unmerged. On a
+    GPU also the kernels' own time and the number of kernel launches (small models are
+    launch-bound there)."""
     from torch.profiler import ProfilerActivity, profile
 
     rank = max(args.lora_ranks)
     variants = [v for v in build_variants(lm, bank, [rank], []) if v.name != "concat"]
     rows = input_rows(lm, args.batch, args.seq_len)
+    on_gpu = lm.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_gpu else [])]
     records = []
     for v in variants:
         reqs = [GenRequest(r, GenConfig(max_tokens=1), v.selection) for r in rows]
         for _ in range(args.warmup):
             v.engine.start(reqs)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=activities) as prof:
             seconds, _ = timed(lambda v=v, reqs=reqs: v.engine.start(reqs), lm.device)
-        ops = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+        events = prof.key_averages()
+        ops = {e.key: e.self_cpu_time_total / 1e6 for e in events}
         groups = {g: sum(ops.get(k, 0.0) for k in keys) for g, keys in OP_GROUPS.items()}
         groups["other"] = sum(ops.values()) - sum(groups.values())
         top = sorted(ops.items(), key=lambda kv: -kv[1])[:8]
-        records.append({"variant": v.name, "batch": args.batch, "seq_len": args.seq_len,
-                        "wall_s": seconds, "self_cpu_s": groups,
-                        "top_ops": [{"op": k, "self_cpu_s": t} for k, t in top]})
+        record = {"variant": v.name, "batch": args.batch, "seq_len": args.seq_len,
+                  "wall_s": seconds, "self_cpu_s": groups,
+                  "top_ops": [{"op": k, "self_cpu_s": t} for k, t in top]}
+        if on_gpu:
+            record["gpu_kernel_s"] = sum(e.self_device_time_total for e in events) / 1e6
+            record["kernel_launches"] = sum(e.count for e in events if e.key in LAUNCHES)
+        records.append(record)
         log.info("%s: %.2f s %s", v.name, seconds, groups)
     return {"records": records}
 

@@ -52,13 +52,18 @@ def served_table(result: dict[str, Any]) -> str:
 
 def profile_table(result: dict[str, Any]) -> str:
     groups = list(result["records"][0]["self_cpu_s"])
+    gpu = "gpu_kernel_s" in result["records"][0]
+    extra = " GPU kernels s | kernel launches |" if gpu else ""
     lines = ["| variant | B x L | wall s (profiled) | " + " | ".join(f"{g} s" for g in groups)
-             + " | top operators (self CPU s) |", "|---|---|---|" + "---|" * (len(groups) + 1)]
+             + " | top operators (self CPU s) |" + extra,
+             "|---|---|---|" + "---|" * (len(groups) + 1 + 2 * gpu)]
     for r in result["records"]:
-        top = ", ".join(f"{o['op'].removeprefix('aten::')} {o['self_cpu_s']:.2f}"
+        top = ", ".join(f"{o['op'].removeprefix('aten::')} {o['self_cpu_s']:.3f}"
                         for o in r["top_ops"][:4])
-        lines.append(f"| {r['variant']} | {r['batch']} x {r['seq_len']} | {r['wall_s']:.2f} | "
-                     + " | ".join(f"{r['self_cpu_s'][g]:.2f}" for g in groups) + f" | {top} |")
+        cells = f" {r['gpu_kernel_s']:.4f} | {r['kernel_launches']} |" if gpu else ""
+        lines.append(f"| {r['variant']} | {r['batch']} x {r['seq_len']} | {r['wall_s']:.3f} | "
+                     + " | ".join(f"{r['self_cpu_s'][g]:.3f}" for g in groups)
+                     + f" | {top} |" + cells)
     return "\n".join(lines)
 
 
