@@ -233,6 +233,7 @@ def run_profile(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> 
     recovery, the longest prompt as cached KV, IDP, and the largest LoRA rank unmerged. On a
     GPU also the kernels' own time and the number of kernel launches (small models are
     launch-bound there)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     rank = max(args.lora_ranks)
@@ -256,7 +257,10 @@ def run_profile(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> 
                   "wall_s": seconds, "self_cpu_s": groups,
                   "top_ops": [{"op": k, "self_cpu_s": t} for k, t in top]}
         if on_gpu:
-            record["gpu_kernel_s"] = sum(e.self_device_time_total for e in events) / 1e6
+            # operators' device time (their kernels' time attributed to them; the kernel
+            # events themselves would count it twice), as the profiler's own table sums it
+            record["gpu_kernel_s"] = sum(e.self_device_time_total for e in events
+                                         if e.device_type == DeviceType.CPU) / 1e6
             record["kernel_launches"] = sum(e.count for e in events if e.key in LAUNCHES)
         records.append(record)
         log.info("%s: %.2f s %s", v.name, seconds, groups)
