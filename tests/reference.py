@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -84,3 +86,22 @@ def select_reference(lm: LoadedModel, bank: PromptBank, ids: list[int], score: s
         scores.append((block / L if score == "mean" else block).mean())
         start += L
     return torch.stack(scores)
+
+
+def assert_matches_alone(ref: LoadedModel, bank: PromptBank, input_ids: list[int], res: Any,
+                         max_tokens: int, *, atol: float = 1e-4) -> None:
+    """An engine result (greedy, logprobs=1, echo=True) equals the uncached run on `ref` of
+    [its prefix; input_ids]: same tokens, log-probabilities of outputs and echo within atol."""
+    prefix = None
+    if res.prefix == "concat":
+        prefix = torch.cat(bank.prompts)
+    elif res.prefix in bank.names:
+        prefix = bank.prompts[bank.index(res.prefix)]
+    tokens, logps = generate_alone(ref, prefix, input_ids, max_tokens)
+    assert res.output_ids == tokens
+    got = torch.tensor([lp.logprob for lp in res.output_logprobs])
+    want = torch.stack([lp[t] for lp, t in zip(logps, tokens, strict=True)])
+    torch.testing.assert_close(got, want, atol=atol, rtol=0)
+    echo = torch.tensor([lp.logprob for lp in res.prompt_logprobs[1:]])
+    torch.testing.assert_close(echo, prompt_logprobs_alone(ref, prefix, input_ids),
+                               atol=atol, rtol=0)

@@ -3,7 +3,7 @@ dense-masked softmax, and the engine on it against each row run alone without a 
 
 import pytest
 import torch
-from reference import generate_alone, prompt_logprobs_alone
+from reference import assert_matches_alone, generate_alone
 from tiny import random_bank, tiny_llama
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -105,16 +105,7 @@ def test_engine_uses_split_prefill_and_matches_each_row_alone(sdpa_tiny):
     reqs = [GenRequest(ids, GenConfig(max_tokens=6, logprobs=1, echo=True), sel)
             for ids, sel in zip(inputs, selections, strict=True)]
     for req, res in zip(reqs, engine.generate(reqs), strict=True):
-        prefix = {"none": None, "concat": torch.cat(bank.prompts)}.get(
-            res.prefix, bank.prompts[bank.index(res.prefix)] if res.prefix in bank.names else None)
-        tokens, logps = generate_alone(lm, prefix, req.input_ids, 6)
-        assert res.output_ids == tokens
-        got = torch.tensor([lp.logprob for lp in res.output_logprobs])
-        want = torch.stack([lp[t] for lp, t in zip(logps, tokens, strict=True)])
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
-        echo = torch.tensor([lp.logprob for lp in res.prompt_logprobs[1:]])
-        torch.testing.assert_close(echo, prompt_logprobs_alone(lm, prefix, req.input_ids),
-                                   atol=1e-4, rtol=0)
+        assert_matches_alone(lm, bank, req.input_ids, res, 6)
 
 
 def test_one_token_inputs_on_a_prefix(sdpa_tiny):

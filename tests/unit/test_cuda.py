@@ -8,7 +8,7 @@ reference, with prompts, concat and IDP selection mixed in one batch.
 
 import pytest
 import torch
-from reference import generate_alone, prompt_logprobs_alone, select_reference
+from reference import assert_matches_alone, select_reference
 from tiny import random_bank, tiny_llama
 
 from idp_core.config import GenConfig, SelectConfig
@@ -38,16 +38,7 @@ def test_cuda_engine_matches_cpu_reference(pair):
     reqs = [GenRequest(ids, GenConfig(max_tokens=6, logprobs=1, echo=True), sel)
             for ids, sel in zip(INPUTS, SELECTIONS, strict=True)]
     for req, res in zip(reqs, engine.generate(reqs), strict=True):
-        prefix = {"none": None, "concat": torch.cat(bank.prompts)}.get(
-            res.prefix, bank.prompts[bank.index(res.prefix)] if res.prefix in bank.names else None)
-        tokens, logps = generate_alone(cpu, prefix, req.input_ids, 6)
-        assert res.output_ids == tokens
-        got = torch.tensor([lp.logprob for lp in res.output_logprobs])
-        want = torch.stack([lp[t] for lp, t in zip(logps, tokens, strict=True)])
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
-        echo = torch.tensor([lp.logprob for lp in res.prompt_logprobs[1:]])
-        torch.testing.assert_close(echo, prompt_logprobs_alone(cpu, prefix, req.input_ids),
-                                   atol=1e-4, rtol=0)
+        assert_matches_alone(cpu, bank, req.input_ids, res, 6)
 
 
 @pytest.mark.parametrize("score", ["mean", "sum"])
