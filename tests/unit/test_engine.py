@@ -6,6 +6,7 @@ from reference import generate_alone, prompt_logprobs_alone
 
 from idp_core.config import GenConfig
 from idp_core.generate import Engine, GenRequest
+from idp_core.kv import stack_prefixes
 
 INPUTS = [[5, 9, 23, 42, 7], [100, 3], [17, 17, 60, 61], [200], [8, 9, 10, 11, 12, 13, 14]]
 SELECTIONS = ["p1", "none", "concat", "p0", "p2"]
@@ -143,3 +144,20 @@ def test_top_p_keeps_the_top_token(top_p):
     probs = logits_to_probs(logits, GenConfig(temperature=1.0, top_p=top_p))
     assert torch.isfinite(probs).all() and probs.sum().item() == pytest.approx(1.0)
     assert probs[1] > 0 and (probs[1] == 1.0) == (top_p < 0.5)
+
+
+def test_stack_prefixes_left_pads_each_rows_own_prompt(tiny, tiny_store):
+    """Rows sharing a prompt (one broadcast copy per prompt) hold what a per-row copy would."""
+    p0, p1 = tiny_store.prompts[0], tiny_store.prompts[1]
+    entries = [p1, None, p0, p1, p1, tiny_store.concat, p0]
+    cache, mask = stack_prefixes(entries, model=tiny.model, reserve=4)
+    width = max(e.length for e in entries if e is not None)
+    for i, layer in enumerate(cache.layers):
+        assert layer.keys.shape[2] == width
+        for b, e in enumerate(entries):
+            n = 0 if e is None else e.length
+            assert mask[b].tolist() == [0] * (width - n) + [1] * n
+            assert not layer.keys[b, :, : width - n].any()
+            if e is not None:
+                assert torch.equal(layer.keys[b, :, width - n :], e.keys[i])
+                assert torch.equal(layer.values[b, :, width - n :], e.values[i])
