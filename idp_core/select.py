@@ -12,6 +12,7 @@ paper's rule) or in total ("sum").
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -92,7 +93,7 @@ def select_prompts(
         cos_s, sin_s = base.rotary_emb(k_prompts, shift)  # [1, N, D]
         k_prompts = k_prompts * cos_s[:, None] + rotate_half(k_prompts) * sin_s[:, None]
     k_prompts = repeat_kv(k_prompts, num_heads // num_kv)
-    ends = torch.tensor(store.lengths).cumsum(0).tolist()
+    ends = list(itertools.accumulate(store.lengths))
     bounds = list(zip([0, *ends[:-1]], ends, strict=True))  # prompt i's columns in k_prompts
     valid = attention_mask.to(device).bool()  # [B, T]
     # Right padding: a real token t sees only keys <= t, all real, so plain causal is exact for
