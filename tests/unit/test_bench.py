@@ -38,3 +38,22 @@ def test_bench_writes_json_table_and_plot(artefacts, tmp_path, which, extra):
     if which == "profile":
         assert [r["variant"] for r in result["records"]] == ["none", "prompt:p1", "idp",
                                                              "lora-r2"]
+
+
+def test_random_weights_keep_the_architecture_not_the_weights(artefacts, tmp_path):
+    """--random-weights: the checkpoint's shapes and tokenizer, fresh weights (a GPU timing run
+    where the checkpoint cannot travel); the bench runs on it as on the real one."""
+    from idp_core.bench import random_model
+    from idp_core.model import load_model
+
+    real = load_model(artefacts["model"], dtype="float32")
+    fake = random_model(artefacts["model"], dtype="float32", device="cpu")
+    shapes = {n: p.shape for n, p in real.model.named_parameters()}
+    assert {n: p.shape for n, p in fake.model.named_parameters()} == shapes
+    assert fake.fingerprint.weights_sha256 != real.fingerprint.weights_sha256
+    assert fake.tokenizer("hello").input_ids == real.tokenizer("hello").input_ids
+    out = tmp_path / "rw"
+    assert main(["bench", "prefix", "--random-weights", "--model", str(artefacts["model"]),
+                 "--bank", str(artefacts["bank"]), "--dtype", "float32", "--batch", "2",
+                 "--repeats", "1", "--warmup", "0", "--seq-len", "8", "--out", str(out)]) == 0
+    assert "random weights" in json.loads((out / "prefix.json").read_text())["env"]["model"]
