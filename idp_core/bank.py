@@ -1,4 +1,10 @@
-"""PromptBank: m named soft prompts [n_i, d], stored as bank.safetensors + manifest.json."""
+"""PromptBank: m named prompts, stored as bank.safetensors + manifest.json.
+
+Two kinds: "shallow" prompts live in input-embedding space ([n, d], the paper's soft prompts;
+their KV is computed by running them through the model at load), "deep" prompts are every
+layer's keys and values themselves ([2, layers, Hkv, n, D], prefix-tuning / P-tuning v2; keys
+stored after RoPE at positions 0..n-1, exactly as served).
+"""
 
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "bank.safetensors"
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added `kind`; format-1 banks are shallow and keep loading
+KINDS = ("shallow", "deep")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
@@ -31,21 +38,27 @@ class BankError(ValueError):
 
 @dataclass
 class PromptBank:
-    """Soft prompts in input-embedding space; prompt i is a float tensor [n_i, d].
+    """Named prompts of one kind: shallow [n_i, d] or deep [2, layers, Hkv, n_i, D] tensors.
 
     Attributes:
         names: unique prompt names (never one of the reserved selections).
-        prompts: one [n_i, d] tensor per name.
+        prompts: one tensor per name (shape by kind, see the module docstring).
         fingerprint: the model the prompts were trained on, as a dict (None if unknown).
         training: free-form training metadata (data, tokens, steps, lr, loss curve, ...).
+        kind: "shallow" or "deep".
+        source: where the bank was loaded from (for error messages; "" if built in memory).
     """
 
     names: list[str]
     prompts: list[Tensor]
     fingerprint: dict[str, Any] | None = None
     training: dict[str, Any] = field(default_factory=dict)
+    kind: str = "shallow"
+    source: str = ""
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise BankError(f"unknown bank kind {self.kind!r}; known kinds are {KINDS}")
         if len(self.names) != len(self.prompts):
             raise BankError(f"{len(self.names)} names for {len(self.prompts)} prompts")
         if not self.names:
@@ -58,19 +71,37 @@ class PromptBank:
                     f"bad prompt name {name!r}: use [A-Za-z0-9_.-], at most 64 characters, "
                     f"not one of {RESERVED_SELECTIONS}"
                 )
-            if p.ndim != 2 or p.shape[0] < 1:
+            if self.kind == "shallow" and (p.ndim != 2 or p.shape[0] < 1):
                 raise BankError(f"prompt {name!r} must be [n, d] with n >= 1, got {list(p.shape)}")
-        dims = {p.shape[1] for p in self.prompts}
-        if len(dims) != 1:
-            raise BankError(f"prompts have different hidden sizes: {sorted(dims)}")
+            if self.kind == "deep" and (p.ndim != 5 or p.shape[0] != 2 or p.shape[3] < 1):
+                raise BankError(
+                    f"deep prompt {name!r} must be [2, layers, kv_heads, n, head_dim] with "
+                    f"n >= 1, got {list(p.shape)}"
+                )
+        layouts = {self._layout_of(p) for p in self.prompts}
+        if len(layouts) != 1:
+            what = "hidden sizes" if self.kind == "shallow" else "layers, KV heads or head sizes"
+            raise BankError(f"prompts have different {what}: {sorted(layouts)}")
+
+    def _layout_of(self, p: Tensor) -> tuple[int, ...]:
+        return (int(p.shape[1]),) if self.kind == "shallow" else (*map(int, p.shape[1:3]),
+                                                                  int(p.shape[4]))
 
     @property
-    def hidden_size(self) -> int:
-        return int(self.prompts[0].shape[1])
+    def layout(self) -> dict[str, int]:
+        """The shape every prompt shares besides its length (what the model must match)."""
+        shape = self._layout_of(self.prompts[0])
+        if self.kind == "shallow":
+            return {"hidden_size": shape[0]}
+        return dict(zip(("num_layers", "num_kv_heads", "head_dim"), shape, strict=True))
+
+    @property
+    def hidden_size(self) -> int | None:
+        return self.layout.get("hidden_size")
 
     @property
     def lengths(self) -> list[int]:
-        return [int(p.shape[0]) for p in self.prompts]
+        return [int(p.shape[0] if self.kind == "shallow" else p.shape[3]) for p in self.prompts]
 
     @property
     def num_parameters(self) -> int:
@@ -85,24 +116,33 @@ class PromptBank:
     def manifest(self) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION,
+            "kind": self.kind,
             "names": self.names,
             "lengths": self.lengths,
-            "hidden_size": self.hidden_size,
+            **self.layout,
             "num_parameters": self.num_parameters,
             "fingerprint": self.fingerprint,
             "training": self.training,
         }
 
     def save(self, folder: str | Path) -> Path:
-        """Write bank.safetensors and manifest.json into `folder` (created if missing)."""
+        """Write bank.safetensors and manifest.json into `folder` (created if missing).
+
+        Each file is written beside its final name and renamed into place, so a crash never
+        leaves a half-written file under the real name.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {
             f"prompt.{n}": p.detach().to("cpu", torch.float32).contiguous()
             for n, p in zip(self.names, self.prompts, strict=True)
         }
-        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "idp-bank"})
-        (folder / MANIFEST_FILE).write_text(json.dumps(self.manifest(), indent=2) + "\n")
+        tmp = folder / (WEIGHTS_FILE + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "idp-bank"})
+        tmp.replace(folder / WEIGHTS_FILE)
+        tmp = folder / (MANIFEST_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.manifest(), indent=2) + "\n")
+        tmp.replace(folder / MANIFEST_FILE)
         return folder
 
     @classmethod
@@ -119,8 +159,17 @@ class PromptBank:
         try:
             manifest = json.loads(manifest_path.read_text())
             names, lengths = list(manifest["names"]), list(manifest["lengths"])
-            hidden = int(manifest["hidden_size"])
+            kind = manifest.get("kind", "shallow")  # format 1 had shallow prompts only
+            if kind == "shallow":
+                layout: tuple[int, ...] = (int(manifest["hidden_size"]),)
+            elif kind == "deep":
+                layout = tuple(int(manifest[k]) for k in ("num_layers", "num_kv_heads",
+                                                          "head_dim"))
+            else:
+                raise BankError(f"{manifest_path}: unknown bank kind {kind!r}; known: {KINDS}")
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            if isinstance(e, BankError):
+                raise
             raise BankError(f"{manifest_path}: invalid manifest ({type(e).__name__}: {e})") from e
         try:
             tensors = load_file(str(weights_path))  # safetensors only: nothing is unpickled
@@ -133,23 +182,34 @@ class PromptBank:
             p = tensors.get(f"prompt.{name}")
             if p is None:
                 raise BankError(f"{weights_path}: no tensor for prompt {name!r}")
-            if tuple(p.shape) != (n, hidden):
+            want = (n, *layout) if kind == "shallow" else (2, *layout[:2], n, layout[2])
+            if tuple(p.shape) != want:
                 raise BankError(
                     f"{weights_path}: prompt {name!r} has shape {list(p.shape)}, "
-                    f"manifest says [{n}, {hidden}]"
+                    f"manifest says {list(want)}"
                 )
             prompts.append(p)
         try:
-            return cls(names, prompts, manifest.get("fingerprint"), manifest.get("training", {}))
+            return cls(names, prompts, manifest.get("fingerprint"), manifest.get("training", {}),
+                       kind=kind, source=str(folder))
         except BankError as e:
             raise BankError(f"{manifest_path}: {e}") from e
 
     def check_model(self, fp: Fingerprint, *, strict: bool = False, origin: str = "bank") -> None:
-        """Refuse a model of another hidden size; warn (or refuse if strict) on other weights."""
-        if self.hidden_size != fp.hidden_size:
+        """Refuse a model of another shape; warn (or refuse if strict) on other weights.
+
+        Deep prompts' heads and head size are checked against the model's config when their
+        KV is stored (`kv.precompute_prompt_kv`).
+        """
+        if self.kind == "shallow" and self.hidden_size != fp.hidden_size:
             raise BankError(
                 f"{origin}: prompts have hidden size {self.hidden_size}, "
                 f"the model has {fp.hidden_size}"
+            )
+        if self.kind == "deep" and self.layout["num_layers"] != fp.num_layers:
+            raise BankError(
+                f"{origin}: deep prompts have {self.layout['num_layers']} layers, "
+                f"the model has {fp.num_layers}"
             )
         if self.fingerprint is None:
             msg = f"{origin}: no model fingerprint recorded; cannot check it matches the model"

@@ -19,14 +19,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import Tensor
 
+from idp_core.config import GenConfig
 from idp_core.data import DEFAULT_CALIB, describe_data, load_chunks, load_wikitext2
-from idp_core.generate import Engine
+from idp_core.generate import Engine, GenRequest
 from idp_core.model import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "compress.json"
+SELF_CALIB = "self"  # data-free calibration: text the model samples itself (no files needed)
 Method = Literal["gptq", "sparsegpt"]
 _MASKS = ("unstructured", "2:4")
 
@@ -45,7 +48,9 @@ class CompressConfig:
         dampening_frac: Hessian dampening, as a fraction of its mean diagonal.
         num_samples: calibration chunks.
         seq_len: tokens per calibration chunk.
-        calib: calibration data file (JSONL with `text`, or plain text).
+        calib: calibration data file (JSONL with `text`, or plain text), or "self": text the
+            model generates itself (data-free; the default model needs nothing outside the
+            repository).
         eval_windows: WikiText-2 windows scored before and after (0: skip perplexity).
         eval_seq_len: tokens per perplexity window.
     """
@@ -145,11 +150,58 @@ def wikitext_perplexity(lm: LoadedModel, config: CompressConfig) -> float | None
         return None
     from idp_core.evaluate import perplexity
 
-    ids = load_wikitext2(lm.tokenizer)
+    try:
+        ids = load_wikitext2(lm.tokenizer)
+    except FileNotFoundError as e:
+        log.warning("WARNING skipping the perplexity check: %s", e)
+        return None
     return perplexity(
         Engine(lm, None), ids, selection="none", seq_len=config.eval_seq_len,
         max_windows=config.eval_windows, progress=True,
     )
+
+
+def self_generated_chunks(
+    lm: LoadedModel, *, num_samples: int, seq_len: int, seed: int = 0
+) -> Tensor:
+    """[N, T] token ids the model samples itself from BOS (temperature 1, seed + i for row i).
+
+    Data-free calibration (as in LLM-QAT's self-generated data): the GPTQ Hessians are taken
+    over the model's own distribution of inputs, so compressing needs no corpus.
+    """
+    bos = lm.tokenizer.bos_token_id
+    if bos is None:
+        raise ValueError(f"{lm.name}: the tokenizer has no BOS token to start generation from")
+    config = [
+        GenConfig(max_tokens=seq_len - 1, temperature=1.0, seed=seed + i, ignore_eos=True)
+        for i in range(num_samples)
+    ]
+    results = Engine(lm, None).generate([GenRequest([bos], c) for c in config])
+    return torch.tensor([[bos, *r.output_ids] for r in results], dtype=torch.long)
+
+
+def calibration_chunks(lm: LoadedModel, config: CompressConfig) -> Tensor:
+    """[N, T] calibration token ids: from `config.calib`, or generated with "self"."""
+    if config.calib == SELF_CALIB:
+        log.info("generating %d x %d calibration tokens with the model itself",
+                 config.num_samples, config.seq_len)
+        return self_generated_chunks(lm, num_samples=config.num_samples, seq_len=config.seq_len)
+    return load_chunks(
+        lm.tokenizer, config.calib, num_samples=config.num_samples, seq_len=config.seq_len
+    )
+
+
+def describe_calibration(config: CompressConfig) -> dict[str, Any]:
+    if config.calib != SELF_CALIB:
+        return describe_data(config.calib, num_samples=config.num_samples, seq_len=config.seq_len)
+    return {
+        "path": SELF_CALIB,
+        "num_samples": config.num_samples,
+        "seq_len": config.seq_len,
+        "num_tokens": config.num_samples * config.seq_len,
+        "selection": "sampled by the model from BOS, temperature 1, seed i for sample i, EOS "
+                     "ignored (data-free)",
+    }
 
 
 def is_done(out_dir: Path, config: CompressConfig, source: str) -> bool:
@@ -201,9 +253,7 @@ def compress(
         # GGUF-loaded models refuse to save until transformers' GGUF quantizer is detached.
         lm.model.hf_quantizer.remove_quantization_config(lm.model)
     ppl_before = wikitext_perplexity(lm, config)
-    chunks = load_chunks(
-        lm.tokenizer, config.calib, num_samples=config.num_samples, seq_len=config.seq_len
-    )  # [N, T]
+    chunks = calibration_chunks(lm, config)  # [N, T]
     dataset = Dataset.from_dict(
         {"input_ids": chunks.tolist(), "attention_mask": torch.ones_like(chunks).tolist()}
     )
@@ -243,9 +293,7 @@ def compress(
         "group_size": config.group_size if config.method == "gptq" else None,
         "sparsity": config.sparsity if config.method == "sparsegpt" else None,
         "mask": config.mask if config.method == "sparsegpt" else None,
-        "calibration": describe_data(
-            config.calib, num_samples=config.num_samples, seq_len=config.seq_len
-        ),
+        "calibration": describe_calibration(config),
         "library": {
             "llmcompressor": importlib.metadata.version("llmcompressor"),
             "compressed-tensors": importlib.metadata.version("compressed-tensors"),
@@ -293,7 +341,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask", choices=list(_MASKS), default=d.mask)
     parser.add_argument("--num-samples", type=int, default=d.num_samples)
     parser.add_argument("--seq-len", type=int, default=d.seq_len)
-    parser.add_argument("--calib", default=d.calib, help="calibration JSONL (`text`) or text file")
+    parser.add_argument("--calib", default=d.calib,
+                        help="calibration JSONL (`text`), text file, or 'self' (data-free)")
     parser.add_argument("--eval-windows", type=int, default=d.eval_windows,
                         help="WikiText-2 windows for perplexity before/after (0: skip)")
     parser.add_argument("--eval-seq-len", type=int, default=d.eval_seq_len)

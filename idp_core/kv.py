@@ -8,8 +8,9 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
+from transformers.models.llama.modeling_llama import rotate_half
 
-from idp_core.bank import PromptBank
+from idp_core.bank import BankError, PromptBank
 from idp_core.config import AUTO, CONCAT, NONE
 
 
@@ -85,16 +86,71 @@ def compute_prefix_kv(model: PreTrainedModel, embeds: Tensor, *, name: str) -> P
     return PrefixKV(name, keys, values)
 
 
+def kv_layout(model: PreTrainedModel) -> dict[str, int]:
+    """The per-layer KV shape of `model`, named as a deep bank's layout."""
+    cfg = model.config
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return {"num_layers": cfg.num_hidden_layers, "num_kv_heads": cfg.num_key_value_heads,
+            "head_dim": dim}
+
+
+def deep_prefix_kv(model: PreTrainedModel, prompt: Tensor, *, name: str) -> PrefixKV:
+    """A deep prompt [2, layers, Hkv, n, D] as resident KV in the model's dtype and device."""
+    param = next(model.parameters())
+    kv = prompt.to(param.device, param.dtype)
+    return PrefixKV(name, tuple(k.contiguous() for k in kv[0]),
+                    tuple(v.contiguous() for v in kv[1]))
+
+
+def rotate_keys(model: PreTrainedModel, keys: Tensor, shift: int) -> Tensor:
+    """Keys [Hkv, n, D] cached after RoPE at positions p, moved to positions p + shift.
+
+    RoPE rotations compose, so rotating by `shift` is exact (Llama-family rotary embedding).
+    """
+    pos = torch.full((1, keys.shape[1]), shift, device=keys.device)
+    cos, sin = model.base_model.rotary_emb(keys.float(), pos)  # [1, n, D]
+    out = keys.float() * cos + rotate_half(keys.float()) * sin
+    return out.to(keys.dtype)
+
+
+def concat_deep(model: PreTrainedModel, prompts: tuple[PrefixKV, ...]) -> PrefixKV:
+    """Deep prompts side by side: prompt j's keys moved behind prompts 1..j-1 (values as is).
+
+    Deep prompts are never computed, so they cannot attend to each other; their concatenation
+    is exactly their KV at consecutive positions.
+    """
+    offsets = [0]
+    for p in prompts[:-1]:
+        offsets.append(offsets[-1] + p.length)
+    keys = tuple(
+        torch.cat([rotate_keys(model, p.keys[i], o) for p, o in zip(prompts, offsets,
+                                                                     strict=True)], dim=1)
+        for i in range(len(prompts[0].keys))
+    )
+    values = tuple(torch.cat([p.values[i] for p in prompts], dim=1)
+                   for i in range(len(prompts[0].values)))
+    return PrefixKV(CONCAT, keys, values)
+
+
 def precompute_prompt_kv(model: PreTrainedModel, bank: PromptBank) -> PromptKVStore:
     """Compute, once, the KV of every prompt alone and of their concatenation.
 
     Prompts never attend to each other (each is run alone), which is what lets the server
-    keep one KV per prompt and pick among them per request.
+    keep one KV per prompt and pick among them per request. Deep prompts are their KV already.
     """
-    prompts = tuple(
-        compute_prefix_kv(model, p, name=n) for n, p in zip(bank.names, bank.prompts, strict=True)
-    )
-    concat = compute_prefix_kv(model, torch.cat(bank.prompts), name=CONCAT)
+    if bank.kind == "deep":
+        if bank.layout != kv_layout(model):
+            raise BankError(
+                f"{bank.source or 'bank'}: deep prompts have layout {bank.layout}, "
+                f"the model has {kv_layout(model)}"
+            )
+        prompts = tuple(deep_prefix_kv(model, p, name=n)
+                        for n, p in zip(bank.names, bank.prompts, strict=True))
+        concat = concat_deep(model, prompts)
+    else:
+        prompts = tuple(compute_prefix_kv(model, p, name=n)
+                        for n, p in zip(bank.names, bank.prompts, strict=True))
+        concat = compute_prefix_kv(model, torch.cat(bank.prompts), name=CONCAT)
     layer0 = torch.cat([p.keys[0] for p in prompts], dim=1)  # [Hkv, N, D]
     segment = torch.repeat_interleave(
         torch.arange(len(prompts)), torch.tensor([p.length for p in prompts])
@@ -123,8 +179,7 @@ def stack_prefixes(
     """
     cfg = model.config
     param = next(model.parameters())
-    heads = cfg.num_key_value_heads
-    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    heads, dim = cfg.num_key_value_heads, kv_layout(model)["head_dim"]
     lengths = [0 if e is None else e.length for e in entries]
     batch, width = len(entries), max(lengths)
     # One copy per distinct prefix and layer, broadcast over its rows (a per-row loop was

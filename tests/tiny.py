@@ -57,3 +57,21 @@ def random_bank(lm: LoadedModel, lengths: tuple[int, ...] = (3, 7, 5), seed: int
     prompts = [torch.randn(n, d, generator=g) for n in lengths]
     names = [f"p{i}" for i in range(len(lengths))]
     return PromptBank(names, prompts, lm.fingerprint.to_dict(), {"note": "random"})
+
+
+def random_deep_bank(lm: LoadedModel, lengths: tuple[int, ...] = (3, 7, 5),
+                     seed: int = 2) -> PromptBank:
+    """Deep prompts [2, layers, Hkv, n, D]: random raw keys put through RoPE at 0..n-1."""
+    from idp_core.kv import kv_layout
+    from reference import rope_at
+
+    g = torch.Generator().manual_seed(seed)
+    shape = kv_layout(lm.model)
+    prompts = []
+    for n in lengths:
+        raw = torch.randn(2, shape["num_layers"], shape["num_kv_heads"], n, shape["head_dim"],
+                          generator=g)
+        raw[0] = rope_at(lm, raw[0], list(range(n)))
+        prompts.append(raw)
+    names = [f"d{i}" for i in range(len(lengths))]
+    return PromptBank(names, prompts, lm.fingerprint.to_dict(), {"note": "random"}, kind="deep")
