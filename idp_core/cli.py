@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("idp_core.evaluate", "WikiText-2 perplexity through the serving engine"),
     "eval": ("idp_core.report", "task suite (ARC, PIQA, HellaSwag, ...) through the engine"),
     "report": ("idp_core.report", "recovery grid: Table 1 Markdown, JSON and PNGs with CIs"),
+    "curve": ("idp_core.lab.curve", "recovery curve: train methods, score them at milestones"),
     "build-default": ("idp_core.artefacts", "rebuild the default compressed model into .cache/"),
 }
 

@@ -62,8 +62,9 @@ def random_bank(lm: LoadedModel, lengths: tuple[int, ...] = (3, 7, 5), seed: int
 def random_deep_bank(lm: LoadedModel, lengths: tuple[int, ...] = (3, 7, 5),
                      seed: int = 2) -> PromptBank:
     """Deep prompts [2, layers, Hkv, n, D]: random raw keys put through RoPE at 0..n-1."""
-    from idp_core.kv import kv_layout
     from reference import rope_at
+
+    from idp_core.kv import kv_layout
 
     g = torch.Generator().manual_seed(seed)
     shape = kv_layout(lm.model)

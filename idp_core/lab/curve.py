@@ -1,0 +1,458 @@
+"""`idp curve`: the recovery curve. Train each method (shallow or deep prompt, LoRA; LM loss,
+distillation or both) on the compressed model and, at token milestones, score it on fixed
+held-out text against the uncompressed teacher: perplexity, KL to the teacher, and the share of
+each gap won back, with paired bootstrap CIs over windows.
+
+Resumable: training checkpoints live in --work, the record (JSON) in --out is rewritten after
+every milestone, and a rerun skips what is recorded and resumes what is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from idp_core.lab.fit import FitConfig, fit
+from idp_core.lab.objective import (
+    check_teacher,
+    init_from_text,
+    recovery_loss,
+    student_logits,
+    teacher_logprobs,
+    token_kl,
+    token_nll,
+)
+from idp_core.model import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LR = {"shallow": 3e-2, "deep": 1e-2, "lora": 2e-3}
+_SPEC = re.compile(r"^(shallow|deep|lora)(\d+)-(lm|kd|mix)(?:@([0-9.e-]+))?(?:/(text|vocab))?$")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One trained recovery method, written `<family><size>-<loss>[@lr][/init]` (e.g. deep16-kd,
+    lora4-lm, shallow16-lm@0.1/vocab): size is the prompt length in tokens, or the LoRA rank;
+    init is how a prompt starts: from the embeddings (or KV) of real text, or from random
+    vocabulary rows."""
+
+    name: str
+    family: str
+    size: int
+    loss: str
+    lr: float
+    init: str = "text"
+
+    @classmethod
+    def parse(cls, spec: str, lr: float | None = None) -> Method:
+        m = _SPEC.match(spec)
+        if m is None:
+            raise ValueError(f"method {spec!r}: write <shallow|deep|lora><size>-<lm|kd|mix>"
+                             f"[@lr][/text|/vocab], e.g. deep16-kd or deep16-kd@3e-3")
+        family, size, loss = m.group(1), int(m.group(2)), m.group(3)
+        rate = float(m.group(4)) if m.group(4) else lr or DEFAULT_LR[family]
+        return cls(spec, family, size, loss, rate, m.group(5) or "text")
+
+
+# ---- data ---------------------------------------------------------------------------------
+def _records(path: Path) -> list[str]:
+    with path.open(encoding="utf-8") as f:
+        return [t for line in f if line.strip() and (t := json.loads(line)["text"]).strip()]
+
+
+def _tokens(tokenizer: Any, texts: list[str], need: int) -> list[int]:
+    """EOS-separated token ids of texts in order, stopping once `need` ids are there."""
+    ids: list[int] = []
+    for t in texts:
+        ids += tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(ids) >= need:
+            break
+    return ids
+
+
+def split_sources(data_dir: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """Per source, (training records, held-out records): the last tenth of each file is held
+    out. Sources: every domain file plus the C4 sample."""
+    files = sorted((data_dir / "domains").glob("*.jsonl")) + [data_dir / "calib" /
+                                                              "c4_sample.jsonl"]
+    missing = [str(f) for f in files if not f.is_file()]
+    if not files or missing:
+        raise FileNotFoundError(f"recovery data missing under {data_dir}: "
+                                f"{missing or 'domains/*.jsonl'}")
+    out = {}
+    for f in files:
+        rows = _records(f)
+        cut = len(rows) - max(1, len(rows) // 10)
+        out[f.stem.removesuffix("_sample")] = (rows[:cut], rows[cut:])
+    return out
+
+
+def training_chunks(tokenizer: Any, sources: dict[str, tuple[list[str], list[str]]], *,
+                    num_tokens: int, seq_len: int) -> Tensor:
+    """[N, T] chunks, an equal share from each source's training records, interleaved."""
+    per = math.ceil(num_tokens / len(sources) / seq_len)
+    parts = []
+    for train, _ in sources.values():
+        ids = _tokens(tokenizer, train, per * seq_len)
+        n = min(per, len(ids) // seq_len)
+        parts.append(torch.tensor(ids[: n * seq_len]).view(n, seq_len))
+    width = max(len(p) for p in parts)
+    rows = [p[i] for i in range(width) for p in parts if i < len(p)]  # round robin
+    return torch.stack(rows)
+
+
+def eval_windows(tokenizer: Any, sources: dict[str, tuple[list[str], list[str]]],
+                 wikitext: Path, *, per_source: int, wikitext_windows: int,
+                 seq_len: int) -> dict[str, Tensor]:
+    """Held-out windows [K, T] per source, plus the first windows of WikiText-2 test."""
+    out = {}
+    for name, (_, held) in sources.items():
+        ids = _tokens(tokenizer, held, per_source * seq_len)
+        n = min(per_source, len(ids) // seq_len)
+        out[name] = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+    with wikitext.open(encoding="utf-8") as f:
+        text = "\n\n".join(json.loads(line)["text"] for line in f if line.strip())
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: wikitext_windows * seq_len]
+    out["wikitext2"] = torch.tensor(ids).view(wikitext_windows, seq_len)
+    return out
+
+
+# ---- scoring ------------------------------------------------------------------------------
+@torch.no_grad()
+def score_windows(model: torch.nn.Module, teacher: torch.nn.Module, windows: Tensor,
+                  prompt: Tensor | None, *, batch_size: int) -> tuple[list[float], list[float]]:
+    """Per window: mean NLL of x_1.. and mean KL(teacher || model), in nats."""
+    nll, kl = [], []
+    for ids in windows.split(batch_size):
+        logits = student_logits(model, ids, prompt)
+        nll += token_nll(logits, ids).mean(-1).tolist()
+        kl += token_kl(logits, teacher_logprobs(teacher, ids)).mean(-1).tolist()
+    return nll, kl
+
+
+def score_all(model: torch.nn.Module, teacher: torch.nn.Module, windows: dict[str, Tensor],
+              prompt: Tensor | None, *, batch_size: int) -> dict[str, dict[str, list[float]]]:
+    out = {}
+    for name, w in windows.items():
+        nll, kl = score_windows(model, teacher, w, prompt, batch_size=batch_size)
+        out[name] = {"nll": [round(x, 6) for x in nll], "kl": [round(x, 6) for x in kl]}
+    return out
+
+
+def slug(method: Method) -> str:
+    """The method's name as a file and prompt name."""
+    return method.name.replace("/", "-").replace("@", "-lr")
+
+
+# ---- one method ---------------------------------------------------------------------------
+def _student(method: Method, lm: LoadedModel, chunks: Tensor,
+             seed: int) -> tuple[torch.nn.Module, Tensor | None, list[Tensor]]:
+    """(model to run, prompt or None, trainable tensors) for `method` on `lm`."""
+    if method.family == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        from idp_core.train import LORA_TARGETS
+
+        torch.manual_seed(seed)
+        model = get_peft_model(lm.model, LoraConfig(
+            r=method.size, lora_alpha=2 * method.size, lora_dropout=0.0,
+            target_modules=list(LORA_TARGETS), bias="none", task_type="CAUSAL_LM"))
+        return model, None, [p for p in model.parameters() if p.requires_grad]
+    # from real text (the first tokens of a training chunk) or from random vocabulary rows
+    g = torch.Generator().manual_seed(seed)
+    if method.init == "vocab":
+        ids = torch.randint(0, lm.model.config.vocab_size, (method.size,), generator=g)
+    else:
+        ids = chunks[int(torch.randint(0, len(chunks), (1,), generator=g)), : method.size]
+    prompt = torch.nn.Parameter(init_from_text(lm, ids, method.family))
+    return lm.model, prompt, [prompt]
+
+
+def run_method(method: Method, lm: LoadedModel, teacher: LoadedModel, chunks: Tensor,
+               windows: dict[str, Tensor], milestones: list[int], *, batch_size: int,
+               work: Path, record: dict[str, Any], save: Any, settings: dict[str, Any],
+               eval_batch: int) -> None:
+    """Train `method` to each milestone (tokens), scoring it there; skips recorded ones."""
+    seq_len = chunks.shape[1]
+    done = {m["tokens"] for m in record.setdefault("methods", {}).setdefault(method.name, {
+        "family": method.family, "size": method.size, "loss": method.loss, "lr": method.lr,
+        "init": method.init, "milestones": []})["milestones"]}
+    todo = [t for t in milestones if t not in done]
+    if not todo:
+        return
+    model, prompt, params = _student(method, lm, chunks, settings["seed"])
+    entry = record["methods"][method.name]
+    entry["trainable_parameters"] = sum(p.numel() for p in params)
+    steps_at = {t: max(1, t // (batch_size * seq_len)) for t in todo}
+    config = FitConfig(steps=max(steps_at.values()), batch_size=batch_size, lr=method.lr,
+                       seed=settings["seed"])
+
+    def loss_fn(ids: Tensor) -> Tensor:
+        teacher_logp = None if method.loss == "lm" else teacher_logprobs(teacher.model, ids)
+        return recovery_loss(method.loss, student_logits(model, ids, prompt), ids, teacher_logp)
+
+    work.mkdir(parents=True, exist_ok=True)
+    for tokens in todo:
+        state = fit(params, loss_fn, chunks, config, checkpoint=work / f"{slug(method)}.pt",
+                    settings={**settings, "method": asdict(method)}, until=steps_at[tokens],
+                    desc=method.name)
+        model.eval()
+        scores = score_all(model, teacher.model, windows, prompt, batch_size=eval_batch)
+        entry["milestones"].append({
+            "tokens": tokens, "steps": state.step, "tokens_seen": state.tokens,
+            "train_wall_s": round(state.wall_s, 1),
+            "tokens_per_s": round(state.tokens_per_s(), 1),
+            "train_loss_last10": round(sum(state.losses[-10:]) / len(state.losses[-10:]), 5),
+            "scores": scores,
+        })
+        entry["milestones"].sort(key=lambda m: m["tokens"])
+        save()
+        log.info("%s at %d tokens: %s", method.name, tokens, summary_line(record, method.name))
+    if prompt is not None:
+        export_prompt(method, prompt.detach(), lm, work / f"{slug(method)}-bank", entry,
+                      settings)
+    else:
+        model.save_pretrained(work / f"{slug(method)}-adapter")
+        lm.model = model.unload()  # the next method starts from the bare compressed model
+
+
+def export_prompt(method: Method, prompt: Tensor, lm: LoadedModel, folder: Path,
+                  entry: dict[str, Any], settings: dict[str, Any]) -> None:
+    from idp_core.bank import PromptBank
+
+    last = entry["milestones"][-1]
+    training = {"method": method.name, "family": method.family, "loss": method.loss,
+                "lr": method.lr, "init": method.init, "tokens": last["tokens_seen"],
+                "steps": last["steps"], "tokens_per_s": last["tokens_per_s"], **settings}
+    PromptBank([slug(method)], [prompt.float().cpu()], lm.fingerprint.to_dict(), training,
+               kind=method.family).save(folder)
+
+
+# ---- summaries ----------------------------------------------------------------------------
+def share(base: list[float], method: list[float], target: list[float], *,
+          perplexity: bool) -> float:
+    """Share of the gap won back: (base - method) / (base - target) of the set means (of
+    perplexities exp(mean NLL) with `perplexity`)."""
+    def agg(xs: list[float]) -> float:
+        m = sum(xs) / len(xs)
+        return math.exp(m) if perplexity else m
+    gap = agg(base) - agg(target)
+    return (agg(base) - agg(method)) / gap if gap else float("nan")
+
+
+def bootstrap(base: list[float], method: list[float], target: list[float], *, perplexity: bool,
+              num: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """(estimate, 2.5 %, 97.5 %) of `share`, resampling windows (paired)."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(base)
+    idx = torch.randint(0, n, (num, n), generator=g).tolist()
+    draws = sorted(share([base[i] for i in r], [method[i] for i in r], [target[i] for i in r],
+                         perplexity=perplexity) for r in idx)
+    return (share(base, method, target, perplexity=perplexity),
+            draws[int(0.025 * num)], draws[int(0.975 * num) - 1])
+
+
+def pooled(scores: dict[str, dict[str, list[float]]], key: str, sets: list[str]) -> list[float]:
+    return [x for s in sets for x in scores[s][key]]
+
+
+def summarise(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (method, milestone): perplexities and gap shares with CIs, per set."""
+    base, teacher = record["baselines"]["compressed"], record["baselines"]["teacher"]
+    mixed = [s for s in base if s != "wikitext2"]
+    sets = {"wikitext2": ["wikitext2"], "mixed": mixed}
+    rows = []
+    for name, entry in record.get("methods", {}).items():
+        for m in entry["milestones"]:
+            row = {"method": name, "tokens": m["tokens_seen"],
+                   "trainable_parameters": entry.get("trainable_parameters"),
+                   "tokens_per_s": m["tokens_per_s"]}
+            for label, group in sets.items():
+                b, t, x = (pooled(s, "nll", group) for s in (base, teacher, m["scores"]))
+                row[f"{label}_ppl"] = math.exp(sum(x) / len(x))
+                row[f"{label}_ppl_share"] = bootstrap(b, x, t, perplexity=True)
+                kb, kx = pooled(base, "kl", group), pooled(m["scores"], "kl", group)
+                row[f"{label}_kl"] = sum(kx) / len(kx)
+                row[f"{label}_kl_share"] = bootstrap(kb, kx, [0.0] * len(kx), perplexity=False)
+            rows.append(row)
+    return rows
+
+
+def summary_line(record: dict[str, Any], name: str) -> str:
+    rows = [r for r in summarise({**record, "methods": {name: record["methods"][name]}})]
+    r = rows[-1]
+    return (f"WikiText-2 PPL {r['wikitext2_ppl']:.2f} (gap {100 * r['wikitext2_ppl_share'][0]:.0f}"
+            f" %), KL gap {100 * r['wikitext2_kl_share'][0]:.0f} %; mixed PPL gap "
+            f"{100 * r['mixed_ppl_share'][0]:.0f} %, KL gap {100 * r['mixed_kl_share'][0]:.0f} %")
+
+
+def render(record: dict[str, Any], out: Path) -> None:
+    """curve.md (tables) and curve.png (recovery against tokens and parameters)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summarise(record)
+    base, teacher = record["baselines"]["compressed"], record["baselines"]["teacher"]
+    mixed = [s for s in base if s != "wikitext2"]
+
+    def ppl(scores: dict[str, Any], group: list[str]) -> float:
+        x = pooled(scores, "nll", group)
+        return math.exp(sum(x) / len(x))
+
+    def pct(t: tuple[float, float, float]) -> str:
+        return f"{100 * t[0]:.0f} [{100 * t[1]:.0f}, {100 * t[2]:.0f}]"
+
+    lines = [
+        "# Recovery curve", "",
+        f"Recorded by `{record['command']}` at commit {record['commit']} "
+        f"({record['machine']['processor'] or record['machine']['machine']}, "
+        f"{record['machine']['cpu_count']} threads, torch {record['machine']['torch']}).", "",
+        f"Held-out text: WikiText-2 test ({len(base['wikitext2']['nll'])} windows) and the "
+        f"held-out tenth of each source ({', '.join(mixed)}; "
+        f"{sum(len(base[s]['nll']) for s in mixed)} windows together, 'mixed'), "
+        f"{record['seq_len']} tokens a window. Teacher (uncompressed) perplexity: WikiText-2 "
+        f"{ppl(teacher, ['wikitext2']):.2f}, mixed {ppl(teacher, mixed):.2f}; compressed: "
+        f"{ppl(base, ['wikitext2']):.2f} / {ppl(base, mixed):.2f}. Gap shares are "
+        f"(compressed - method) / (compressed - teacher) of perplexity and of the mean KL to "
+        f"the teacher (teacher: 0), with paired bootstrap 95 % CIs over windows.", "",
+        "| method | params | tokens | tok/s | WT2 PPL | WT2 PPL gap % | WT2 KL gap % | "
+        "mixed PPL | mixed PPL gap % | mixed KL gap % |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['trainable_parameters']:,} | {r['tokens']:,} | "
+            f"{r['tokens_per_s']:.0f} | {r['wikitext2_ppl']:.2f} | "
+            f"{pct(r['wikitext2_ppl_share'])} | {pct(r['wikitext2_kl_share'])} | "
+            f"{r['mixed_ppl']:.2f} | {pct(r['mixed_ppl_share'])} | {pct(r['mixed_kl_share'])} |")
+    (out / "curve.md").write_text("\n".join(lines) + "\n")
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for name in record.get("methods", {}):
+        mine = [r for r in rows if r["method"] == name]
+        style = "-" if "deep" in name else "--" if "shallow" in name else ":"
+        for ax, key in zip(axes[:2], ("wikitext2_ppl_share", "mixed_kl_share"), strict=True):
+            ax.plot([r["tokens"] for r in mine], [100 * r[key][0] for r in mine], style,
+                    marker="o", label=name)
+        last = mine[-1]
+        axes[2].scatter(last["trainable_parameters"], 100 * last["wikitext2_ppl_share"][0])
+        axes[2].annotate(name, (last["trainable_parameters"],
+                                100 * last["wikitext2_ppl_share"][0]), fontsize=8)
+    for ax, title in zip(axes, ("WikiText-2 perplexity gap recovered (%)",
+                                "mixed held-out KL gap recovered (%)",
+                                "WikiText-2 gap at the last milestone vs parameters"),
+                         strict=True):
+        ax.set_title(title, fontsize=10)
+        ax.axhline(100, color="grey", lw=0.5)
+        ax.grid(alpha=0.3)
+    axes[0].set_xlabel("training tokens")
+    axes[1].set_xlabel("training tokens")
+    axes[2].set_xlabel("trainable parameters")
+    axes[2].set_xscale("log")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "curve.png", dpi=110)
+    plt.close(fig)
+
+
+# ---- CLI ----------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--methods", default="deep16-kd,deep16-lm,shallow16-lm,shallow16-kd,"
+                        "lora4-kd,lora4-lm", help="comma list of <shallow|deep|lora><size>-"
+                        "<lm|kd|mix>")
+    parser.add_argument("--milestones", default="25000,50000,100000",
+                        help="training tokens at which each method is scored")
+    parser.add_argument("--model", default=None, help="compressed model (default: the default)")
+    parser.add_argument("--teacher", default=None,
+                        help="uncompressed teacher (default: the embedded GGUF original)")
+    parser.add_argument("--data", default=None, help="data folder (default: ../shared/data)")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=None, help="override every method's lr")
+    parser.add_argument("--windows", type=int, default=8, help="held-out windows per source")
+    parser.add_argument("--wikitext-windows", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--out", default="docs/curve", help="record, table and plot folder")
+    parser.add_argument("--work", default=".cache/curve", help="checkpoints and exports")
+    parser.add_argument("--render-only", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from idp_core.artefacts import ensure_default_model
+    from idp_core.bench import machine
+    from idp_core.data import DATA_DIR, WIKITEXT2_TEST
+
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "curve.json"
+    record: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    if args.render_only:
+        render(record, out)
+        return 0
+    methods = [Method.parse(s, args.lr) for s in args.methods.split(",")]
+    milestones = sorted(int(x) for x in args.milestones.split(","))
+    data_dir = Path(args.data) if args.data else DATA_DIR
+    wikitext = data_dir / "eval" / WIKITEXT2_TEST.name
+    if not wikitext.is_file():
+        raise SystemExit(f"idp curve: {wikitext} not found (pass --data)")
+
+    lm = load_model(Path(args.model) if args.model else ensure_default_model(), dtype=args.dtype)
+    teacher = load_model(args.teacher, dtype=args.dtype)
+    check_teacher(lm, teacher)
+    for p in (*lm.model.parameters(), *teacher.model.parameters()):
+        p.requires_grad_(False)
+    sources = split_sources(data_dir)
+    chunks = training_chunks(lm.tokenizer, sources, num_tokens=max(milestones),
+                             seq_len=args.seq_len)
+    windows = eval_windows(lm.tokenizer, sources, wikitext, per_source=args.windows,
+                           wikitext_windows=args.wikitext_windows, seq_len=args.seq_len)
+    settings = {"model": lm.fingerprint.to_dict(), "teacher": teacher.source,
+                "seq_len": args.seq_len, "seed": args.seed, "dtype": args.dtype,
+                "data": {"sources": sorted(sources), "held_out": "last tenth of each file",
+                         "train_chunks": len(chunks)}}
+    if record.get("settings") not in (None, settings):
+        raise SystemExit(f"idp curve: {path} was recorded with other settings; use another "
+                         f"--out")
+    record.update({
+        "settings": settings, "seq_len": args.seq_len, "batch_size": args.batch_size,
+        "command": "idp curve " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
+                                           vars(args).items() if v not in (None, False)
+                                           and k not in ("command", "func")),
+        "commit": machine()["git_commit"], "machine": machine(),
+    })
+
+    def save() -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(record) + "\n")
+        tmp.replace(path)
+        render(record, out)
+
+    if "baselines" not in record:
+        t0 = time.perf_counter()
+        record["baselines"] = {
+            "teacher": score_all(teacher.model, teacher.model, windows, None, batch_size=8),
+            "compressed": score_all(lm.model, teacher.model, windows, None, batch_size=8),
+        }
+        record["baselines_wall_s"] = round(time.perf_counter() - t0, 1)
+        save()
+    for method in sorted(methods, key=lambda m: m.family == "lora"):  # LoRA wraps the model
+        run_method(method, lm, teacher, chunks, windows, milestones,
+                   batch_size=args.batch_size, work=work, record=record, save=save,
+                   settings=settings, eval_batch=8)
+    save()
+    print(out / "curve.md")
+    return 0

@@ -1,0 +1,49 @@
+"""The recovery curve's data split and gap arithmetic (the training is tested elsewhere)."""
+
+import json
+import math
+
+import pytest
+from tiny import byte_tokenizer
+
+from idp_core.lab.curve import Method, bootstrap, share, split_sources, training_chunks
+
+
+def test_gap_share_of_perplexity_and_kl():
+    base, target = [math.log(30.0)] * 4, [math.log(20.0)] * 4
+    assert share(base, [math.log(25.0)] * 4, target, perplexity=True) == pytest.approx(0.5)
+    assert share([0.4] * 3, [0.1] * 3, [0.0] * 3, perplexity=False) == pytest.approx(0.75)
+    est, lo, hi = bootstrap([0.4, 0.5, 0.3, 0.6], [0.1, 0.3, 0.1, 0.2], [0.0] * 4,
+                            perplexity=False)
+    assert lo <= est <= hi and est == pytest.approx(1 - 0.7 / 1.8)
+
+
+def test_held_out_records_never_reach_training(tmp_path):
+    (tmp_path / "domains").mkdir()
+    (tmp_path / "calib").mkdir()
+    for name in ("code", "news"):
+        with (tmp_path / "domains" / f"{name}.jsonl").open("w") as f:
+            for i in range(20):
+                f.write(json.dumps({"text": f"{name} record {i:02d} " * 8}) + "\n")
+    with (tmp_path / "calib" / "c4_sample.jsonl").open("w") as f:
+        for i in range(10):
+            f.write(json.dumps({"text": f"c4 doc {i:02d} " * 8}) + "\n")
+    sources = split_sources(tmp_path)
+    assert sorted(sources) == ["c4", "code", "news"]
+    train, held = sources["code"]
+    assert len(held) == 2 and held[0].startswith("code record 18")
+    tok = byte_tokenizer()
+    chunks = training_chunks(tok, sources, num_tokens=600, seq_len=32)
+    text = tok.decode(chunks.flatten().tolist())
+    assert "record 18" not in text and "record 19" not in text and "doc 09" not in text
+    assert "code record" in text and "news record" in text and "c4 doc" in text
+    with pytest.raises(FileNotFoundError, match="recovery data missing"):
+        split_sources(tmp_path / "nowhere")
+
+
+def test_method_specs():
+    m = Method.parse("shallow16-lm@0.1/vocab")
+    assert (m.family, m.size, m.loss, m.lr, m.init) == ("shallow", 16, "lm", 0.1, "vocab")
+    assert Method.parse("deep8-kd").lr == 1e-2 and Method.parse("lora4-mix").init == "text"
+    with pytest.raises(ValueError, match="write <shallow|deep|lora>"):
+        Method.parse("deep-kd")

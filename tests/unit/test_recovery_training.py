@@ -1,0 +1,104 @@
+"""Recovery training: the objective against the served engine, exact resume, refusals."""
+
+import pytest
+import torch
+from reference import logits_alone
+from tiny import random_deep_bank, tiny_llama
+
+from idp_core.config import GenConfig
+from idp_core.generate import Engine, GenRequest
+from idp_core.kv import precompute_prompt_kv
+from idp_core.lab.fit import CheckpointError, FitConfig, fit
+from idp_core.lab.objective import (
+    check_teacher,
+    init_from_text,
+    recovery_loss,
+    student_logits,
+    teacher_logprobs,
+    token_kl,
+    token_nll,
+)
+
+IDS = torch.tensor([[5, 9, 23, 42, 7, 1, 2, 3], [100, 3, 17, 17, 60, 61, 8, 9]])
+
+
+def test_student_logits_equal_the_uncached_reference(tiny, tiny_bank):
+    deep = random_deep_bank(tiny)
+    for prompt in (None, tiny_bank.prompts[1], deep.prompts[1]):
+        got = student_logits(tiny.model, IDS, prompt)
+        for b in range(len(IDS)):
+            want = logits_alone(tiny, prompt, IDS[b].tolist())[:-1]
+            torch.testing.assert_close(got[b], want, atol=1e-4, rtol=0)
+
+
+def test_trained_deep_prompt_scores_as_the_engine_serves_it(tiny):
+    """The loss training minimises is the served model's: NLL from the training forward equals
+    the engine's echo log-probabilities with the prompt as a bank prefix."""
+    bank = random_deep_bank(tiny, (4,))
+    nll = token_nll(student_logits(tiny.model, IDS, bank.prompts[0]), IDS)  # [B, T-1]
+    engine = Engine(tiny, precompute_prompt_kv(tiny.model, bank))
+    reqs = [GenRequest(r.tolist(), GenConfig(max_tokens=0, logprobs=1, echo=True), "d0")
+            for r in IDS]
+    for b, res in enumerate(engine.generate(reqs)):
+        served = torch.tensor([-lp.logprob for lp in res.prompt_logprobs[1:]])
+        torch.testing.assert_close(nll[b], served, atol=1e-4, rtol=0)
+
+
+def test_losses_against_their_definitions(tiny):
+    teacher = tiny_llama(seed=5, attn="eager")
+    logits = student_logits(tiny.model, IDS)
+    t_logp = teacher_logprobs(teacher.model, IDS)
+    p = t_logp.exp()
+    kl = (p * (t_logp - torch.log_softmax(logits, -1))).sum(-1)
+    torch.testing.assert_close(token_kl(logits, t_logp), kl)
+    assert token_kl(t_logp, t_logp).abs().max() < 1e-5  # a model against itself
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), IDS[:, 1:].flatten())
+    torch.testing.assert_close(recovery_loss("lm", logits, IDS, None), ce)
+    torch.testing.assert_close(recovery_loss("kd", logits, IDS, t_logp), kl.mean())
+    torch.testing.assert_close(recovery_loss("mix", logits, IDS, t_logp, mix=0.25),
+                               0.25 * kl.mean() + 0.75 * ce)
+    with pytest.raises(ValueError, match="needs the teacher"):
+        recovery_loss("kd", logits, IDS, None)
+
+
+def _train(tiny, chunks, config, checkpoint, until=None):
+    prompt = torch.nn.Parameter(init_from_text(tiny, chunks[0, :3], "deep"))
+    teacher = tiny_llama(seed=5, attn="eager")
+
+    def loss_fn(ids):
+        return recovery_loss("kd", student_logits(tiny.model, ids, prompt), ids,
+                             teacher_logprobs(teacher.model, ids))
+    state = fit([prompt], loss_fn, chunks, config, checkpoint=checkpoint,
+                settings={"method": "deep3-kd"}, until=until)
+    return prompt.detach(), state
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path):
+    tiny = tiny_llama(attn="eager")
+    for p in tiny.model.parameters():
+        p.requires_grad_(False)
+    chunks = torch.randint(0, 256, (5, 12), generator=torch.Generator().manual_seed(0))
+    config = FitConfig(steps=6, batch_size=2, lr=1e-2, warmup=2, seed=3)
+    whole, whole_state = _train(tiny, chunks, config, tmp_path / "a.pt")
+    _train(tiny, chunks, config, tmp_path / "b.pt", until=4)  # interrupted after step 4
+    resumed, state = _train(tiny, chunks, config, tmp_path / "b.pt")
+    assert state.step == whole_state.step == 6
+    assert state.losses == whole_state.losses
+    assert torch.equal(resumed, whole)
+    assert whole_state.losses[-1] < whole_state.losses[0]
+    other = FitConfig(steps=6, batch_size=2, lr=3e-2, warmup=2, seed=3)
+    with pytest.raises(CheckpointError, match=r"b\.pt: made by another configuration.*fit"):
+        _train(tiny, chunks, other, tmp_path / "b.pt")
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(tiny):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from idp_core.model import wrap_model
+
+    small = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2))
+    other = wrap_model(small, tiny.tokenizer, name="other")
+    with pytest.raises(ValueError, match="vocabulary of 100 tokens, the student has 257"):
+        check_teacher(tiny, other)
+    check_teacher(tiny, tiny_llama(seed=9))
