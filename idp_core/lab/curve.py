@@ -134,7 +134,9 @@ def score_windows(model: torch.nn.Module, teacher: torch.nn.Module, windows: Ten
                   prompt: Tensor | None, *, batch_size: int) -> tuple[list[float], list[float]]:
     """Per window: mean NLL of x_1.. and mean KL(teacher || model), in nats."""
     nll, kl = [], []
+    device = next(model.parameters()).device
     for ids in windows.split(batch_size):
+        ids = ids.to(device)
         logits = student_logits(model, ids, prompt)
         nll += token_nll(logits, ids).mean(-1).tolist()
         kl += token_kl(logits, teacher_logprobs(teacher, ids)).mean(-1).tolist()
@@ -199,6 +201,7 @@ def run_method(method: Method, lm: LoadedModel, teacher: LoadedModel, chunks: Te
                        seed=settings["seed"])
 
     def loss_fn(ids: Tensor) -> Tensor:
+        ids = ids.to(lm.device)
         teacher_logp = None if method.loss == "lm" else teacher_logprobs(teacher.model, ids)
         return recovery_loss(method.loss, student_logits(model, ids, prompt), ids, teacher_logp)
 
@@ -386,6 +389,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wikitext-windows", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (results never depend "
+                        "on it beyond rounding)")
     parser.add_argument("--out", default="docs/curve", help="record, table and plot folder")
     parser.add_argument("--work", default=".cache/curve", help="checkpoints and exports")
     parser.add_argument("--render-only", action="store_true")
@@ -410,11 +415,10 @@ def run(args: argparse.Namespace) -> int:
     if not wikitext.is_file():
         raise SystemExit(f"idp curve: {wikitext} not found (pass --data)")
 
-    lm = load_model(Path(args.model) if args.model else ensure_default_model(), dtype=args.dtype)
-    teacher = load_model(args.teacher, dtype=args.dtype)
+    lm = load_model(Path(args.model) if args.model else ensure_default_model(), dtype=args.dtype,
+                    device=args.device)
+    teacher = load_model(args.teacher, dtype=args.dtype, device=args.device)
     check_teacher(lm, teacher)
-    for p in (*lm.model.parameters(), *teacher.model.parameters()):
-        p.requires_grad_(False)
     sources = split_sources(data_dir)
     chunks = training_chunks(lm.tokenizer, sources, num_tokens=max(milestones),
                              seq_len=args.seq_len)

@@ -117,18 +117,12 @@ def check_teacher(student: LoadedModel, teacher: LoadedModel) -> None:
 @torch.no_grad()
 def init_from_text(lm: LoadedModel, ids: Tensor, kind: str) -> Tensor:
     """A float32 prompt made from real text `ids` [n]: its embeddings (shallow, [n, d]) or the
-    KV the model computes for it at positions 0..n-1 (deep, [2, layers, Hkv, n, D])."""
+    KV the model computes for it at positions 0..n-1 (deep, [2, layers, Hkv, n, D]), on the
+    model's device."""
     from idp_core.kv import compute_prefix_kv
 
     embeds = lm.model.get_input_embeddings()(ids.to(lm.device))  # [n, d]
     if kind == "shallow":
-        return embeds.float().cpu().clone()
+        return embeds.float().clone()
     kv = compute_prefix_kv(lm.model, embeds, name="init")
-    return torch.stack([torch.stack(kv.keys), torch.stack(kv.values)]).float().cpu().clone()
-
-
-def init_random_rows(lm: LoadedModel, length: int, *, generator: torch.Generator) -> Tensor:
-    """[length, d] float32 embeddings of random vocabulary rows (the shallow baseline init)."""
-    table = lm.model.get_input_embeddings().weight
-    rows = torch.randint(0, table.shape[0], (length,), generator=generator)
-    return table[rows.to(table.device)].detach().float().cpu().clone()
+    return torch.stack([torch.stack(kv.keys), torch.stack(kv.values)]).float().clone()
