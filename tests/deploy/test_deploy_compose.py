@@ -101,8 +101,9 @@ def test_server_settings(resolved: dict[str, Any]) -> None:
 def test_mounts(resolved: dict[str, Any]) -> None:
     for name in SERVERS:
         targets = {v.split(":")[1]: v for v in resolved["services"][name]["volumes"]}
-        assert set(targets) >= {"/models", "/banks", "/adapters", "/shared/data", "/app/.cache"}
-        for ro in ("/models", "/banks", "/adapters", "/shared/data"):
+        assert set(targets) >= {"/models", "/banks", "/adapters", "/app/.cache"}
+        assert "/shared/data" not in targets  # serving needs nothing outside the repository
+        for ro in ("/models", "/banks", "/adapters"):
             assert targets[ro].endswith(":ro"), targets[ro]
     prom = resolved["services"]["prometheus"]["volumes"]
     assert f"{DEPLOY / 'prometheus'}:/etc/prometheus:ro" in prom
