@@ -130,24 +130,28 @@ def eval_windows(tokenizer: Any, sources: dict[str, tuple[list[str], list[str]]]
 
 # ---- scoring ------------------------------------------------------------------------------
 @torch.no_grad()
-def score_windows(model: torch.nn.Module, teacher: torch.nn.Module, windows: Tensor,
-                  prompt: Tensor | None, *, batch_size: int) -> tuple[list[float], list[float]]:
-    """Per window: mean NLL of x_1.. and mean KL(teacher || model), in nats."""
-    nll, kl = [], []
+def teacher_windows(teacher: torch.nn.Module, windows: dict[str, Tensor], *,
+                    batch_size: int) -> dict[str, list[Tensor]]:
+    """The teacher's log-probabilities [b, T-1, V] per batch of each set, computed once and
+    kept in memory (every milestone of every method is scored against them)."""
+    device = next(teacher.parameters()).device
+    return {name: [teacher_logprobs(teacher, ids.to(device)) for ids in w.split(batch_size)]
+            for name, w in windows.items()}
+
+
+@torch.no_grad()
+def score_all(model: torch.nn.Module, windows: dict[str, Tensor],
+              teacher_logp: dict[str, list[Tensor]], prompt: Tensor | None, *,
+              batch_size: int) -> dict[str, dict[str, list[float]]]:
+    """Per set, per window: mean NLL of x_1.. and mean KL(teacher || model), in nats."""
     device = next(model.parameters()).device
-    for ids in windows.split(batch_size):
-        ids = ids.to(device)
-        logits = student_logits(model, ids, prompt)
-        nll += token_nll(logits, ids).mean(-1).tolist()
-        kl += token_kl(logits, teacher_logprobs(teacher, ids)).mean(-1).tolist()
-    return nll, kl
-
-
-def score_all(model: torch.nn.Module, teacher: torch.nn.Module, windows: dict[str, Tensor],
-              prompt: Tensor | None, *, batch_size: int) -> dict[str, dict[str, list[float]]]:
     out = {}
     for name, w in windows.items():
-        nll, kl = score_windows(model, teacher, w, prompt, batch_size=batch_size)
+        nll, kl = [], []
+        for ids, t_logp in zip(w.split(batch_size), teacher_logp[name], strict=True):
+            logits = student_logits(model, ids.to(device), prompt)
+            nll += token_nll(logits, ids.to(device)).mean(-1).tolist()
+            kl += token_kl(logits, t_logp).mean(-1).tolist()
         out[name] = {"nll": [round(x, 6) for x in nll], "kl": [round(x, 6) for x in kl]}
     return out
 
@@ -182,7 +186,8 @@ def _student(method: Method, lm: LoadedModel, chunks: Tensor,
 
 
 def run_method(method: Method, lm: LoadedModel, teacher: LoadedModel, chunks: Tensor,
-               windows: dict[str, Tensor], milestones: list[int], *, batch_size: int,
+               windows: dict[str, Tensor], teacher_logp: dict[str, list[Tensor]],
+               milestones: list[int], *, batch_size: int,
                work: Path, record: dict[str, Any], save: Any, settings: dict[str, Any],
                eval_batch: int) -> None:
     """Train `method` to each milestone (tokens), scoring it there; skips recorded ones."""
@@ -211,7 +216,7 @@ def run_method(method: Method, lm: LoadedModel, teacher: LoadedModel, chunks: Te
                     settings={**settings, "method": asdict(method)}, until=steps_at[tokens],
                     desc=method.name)
         model.eval()
-        scores = score_all(model, teacher.model, windows, prompt, batch_size=eval_batch)
+        scores = score_all(model, windows, teacher_logp, prompt, batch_size=eval_batch)
         entry["milestones"].append({
             "tokens": tokens, "steps": state.step, "tokens_seen": state.tokens,
             "train_wall_s": round(state.wall_s, 1),
@@ -388,7 +393,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--windows", type=int, default=8, help="held-out windows per source")
     parser.add_argument("--wikitext-windows", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"],
+                        help="float32: CPUs without AVX-512 bf16 run bf16 matmuls ~5x slower")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (results never depend "
                         "on it beyond rounding)")
     parser.add_argument("--out", default="docs/curve", help="record, table and plot folder")
@@ -445,16 +451,17 @@ def run(args: argparse.Namespace) -> int:
         tmp.replace(path)
         render(record, out)
 
+    t0 = time.perf_counter()
+    teacher_logp = teacher_windows(teacher.model, windows, batch_size=8)
     if "baselines" not in record:
-        t0 = time.perf_counter()
         record["baselines"] = {
-            "teacher": score_all(teacher.model, teacher.model, windows, None, batch_size=8),
-            "compressed": score_all(lm.model, teacher.model, windows, None, batch_size=8),
+            "teacher": score_all(teacher.model, windows, teacher_logp, None, batch_size=8),
+            "compressed": score_all(lm.model, windows, teacher_logp, None, batch_size=8),
         }
         record["baselines_wall_s"] = round(time.perf_counter() - t0, 1)
         save()
     for method in sorted(methods, key=lambda m: m.family == "lora"):  # LoRA wraps the model
-        run_method(method, lm, teacher, chunks, windows, milestones,
+        run_method(method, lm, teacher, chunks, windows, teacher_logp, milestones,
                    batch_size=args.batch_size, work=work, record=record, save=save,
                    settings=settings, eval_batch=8)
     save()
