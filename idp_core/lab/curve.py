@@ -370,7 +370,8 @@ def render(record: dict[str, Any], out: Path) -> None:
     axes[1].set_xlabel("training tokens")
     axes[2].set_xlabel("trainable parameters")
     axes[2].set_xscale("log")
-    axes[0].legend(fontsize=7)
+    if record.get("methods"):
+        axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "curve.png", dpi=110)
     plt.close(fig)

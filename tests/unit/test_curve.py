@@ -47,3 +47,53 @@ def test_method_specs():
     assert Method.parse("deep8-kd").lr == 1e-2 and Method.parse("lora4-mix").init == "text"
     with pytest.raises(ValueError, match="write <shallow|deep|lora>"):
         Method.parse("deep-kd")
+
+
+def _write_data(folder):
+    for sub in ("domains", "calib", "eval"):
+        (folder / sub).mkdir(parents=True)
+    for name in ("code", "news"):
+        with (folder / "domains" / f"{name}.jsonl").open("w") as f:
+            for i in range(30):
+                f.write(json.dumps({"text": f"{name} {i} " + "some words here " * 20}) + "\n")
+    with (folder / "calib" / "c4_sample.jsonl").open("w") as f:
+        for i in range(30):
+            f.write(json.dumps({"text": f"doc {i} " + "web text " * 30}) + "\n")
+    with (folder / "eval" / "wikitext2_raw_test.rows.jsonl").open("w") as f:
+        for i in range(20):
+            f.write(json.dumps({"text": f" = Heading {i} = \n" + "wiki words " * 30}) + "\n")
+
+
+def test_curve_end_to_end_resumes_and_exports(tmp_path):
+    """`idp curve` on a tiny student and teacher: records every milestone, renders, exports a
+    bank and an adapter, and a rerun with one more milestone trains only the extra steps."""
+    from tiny import tiny_llama
+
+    from idp_core.bank import PromptBank
+    from idp_core.cli import main
+
+    for name, seed in (("student", 0), ("teacher", 1)):
+        lm = tiny_llama(seed=seed)
+        lm.model.save_pretrained(tmp_path / name)
+        lm.tokenizer.save_pretrained(tmp_path / name)
+    _write_data(tmp_path / "data")
+    args = ["curve", "--model", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
+            "--data", str(tmp_path / "data"), "--methods", "deep2-kd,shallow2-lm,lora2-mix",
+            "--seq-len", "16", "--batch-size", "2", "--windows", "2", "--wikitext-windows", "2",
+            "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
+    assert main([*args, "--milestones", "32,64"]) == 0
+    record = json.loads((tmp_path / "out" / "curve.json").read_text())
+    deep = record["methods"]["deep2-kd"]
+    assert [m["tokens"] for m in deep["milestones"]] == [32, 64]
+    assert [m["steps"] for m in deep["milestones"]] == [1, 2]
+    assert set(deep["milestones"][0]["scores"]) == {"code", "news", "c4", "wikitext2"}
+    assert deep["trainable_parameters"] == 2 * 2 * 2 * 2 * 16  # k,v x layers x heads x n x D
+    assert (tmp_path / "out" / "curve.md").read_text().count("| deep2-kd |") == 2
+    assert (tmp_path / "out" / "curve.png").stat().st_size > 1000
+    bank = PromptBank.load(tmp_path / "work" / "deep2-kd-bank")
+    assert bank.kind == "deep" and bank.training["tokens"] == 64
+    assert (tmp_path / "work" / "lora2-mix-adapter" / "adapter_config.json").is_file()
+    assert main([*args, "--milestones", "32,64,96"]) == 0  # resumes each method from step 2
+    record = json.loads((tmp_path / "out" / "curve.json").read_text())
+    for entry in record["methods"].values():
+        assert [m["steps"] for m in entry["milestones"]] == [1, 2, 3]
