@@ -59,7 +59,7 @@ def resolve_sources(settings: Settings) -> tuple[str | None, str | None]:
         return model, None
     if settings.bank:
         return model, settings.bank
-    from idp_core.artefacts import DEFAULT_BANK
+    from idp_core.lab.artefacts import DEFAULT_BANK
 
     return model, str(DEFAULT_BANK) if model is None else None
 
@@ -69,7 +69,7 @@ def load_state(settings: Settings, metrics_registry: Any = None) -> ServingState
     model_source, bank_dir = resolve_sources(settings)
     bank = PromptBank.load(bank_dir) if bank_dir else None  # fast: fail before the model
     if model_source is None:
-        from idp_core.artefacts import ensure_default_model
+        from idp_core.lab.artefacts import ensure_default_model
 
         model_source = str(ensure_default_model())
     lm = load_model(model_source, dtype=settings.dtype, device=settings.device)

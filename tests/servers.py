@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tiny import random_bank, tiny_llama
 
-from idp_core.bench import free_port, wait_healthy
+from idp_core.lab.bench import free_port, wait_healthy
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"

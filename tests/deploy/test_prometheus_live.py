@@ -292,7 +292,7 @@ def test_compose_loadgen_command_runs_against_both_servers(
     data = tmp_path / "text.jsonl"
     data.write_text("".join(json.dumps({"text": f"line {i} " * 40}) + "\n" for i in range(20)))
     mapping = {
-        "exec idp ": f"exec {sys.executable} -m idp_core.cli ",
+        "exec idp ": f"exec {sys.executable} -m idp_core.lab.cli ",
         "http://idp:8000": servers["idp"].url,
         "http://lora:8000": servers["lora"].url,
         "/shared/data/eval/wikitext2_raw_test.rows.jsonl": str(data),

@@ -11,8 +11,8 @@ from idp_core.bank import PromptBank
 from idp_core.config import GenConfig
 from idp_core.generate import Engine, GenRequest
 from idp_core.kv import precompute_prompt_kv
+from idp_core.lab.tasks import encode_pair
 from idp_core.model import load_model
-from idp_core.tasks import encode_pair
 
 ITEMS = [
     {"query": "What is the sky?", "choices": ["blue", "green", "a cat"], "gold": 0},

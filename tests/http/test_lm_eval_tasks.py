@@ -1,6 +1,6 @@
 """`idp eval`'s multiple-choice scorer against lm-evaluation-harness: the same items, run by
 lm-eval's `local-completions` through the server (IDP selection per request) and by
-`idp_core.tasks` in-process, give the same per-choice log-likelihoods and per-item accuracy."""
+`idp_core.lab.tasks` in-process, give the same per-choice log-likelihoods and per-item accuracy."""
 
 import math
 
@@ -9,14 +9,14 @@ from lmeval import run_local_completions
 from idp_core.bank import PromptBank
 from idp_core.generate import Engine
 from idp_core.kv import precompute_prompt_kv
-from idp_core.model import load_model
-from idp_core.tasks import (
+from idp_core.lab.tasks import (
     continuation_scores,
     load_task,
     run_requests,
     score_results,
     task_requests,
 )
+from idp_core.model import load_model
 
 # The task files' format: the query is the whole context, choices follow after " ".
 ITEMS = [

@@ -125,10 +125,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from idp_core.artefacts import ensure_default_model
     from idp_core.bank import PromptBank
-    from idp_core.data import load_wikitext2, read_texts
     from idp_core.kv import precompute_prompt_kv
+    from idp_core.lab.artefacts import ensure_default_model
+    from idp_core.lab.data import load_wikitext2, read_texts
     from idp_core.model import attach_lora, load_model
 
     if args.bank and args.lora:

@@ -23,8 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from idp_core.config import GenConfig
-from idp_core.data import DATA_DIR
 from idp_core.generate import Engine, GenRequest, GenResult
+from idp_core.lab.data import DATA_DIR
 from idp_core.select import select_prompts
 
 TASKS_DIR = DATA_DIR / "tasks"

@@ -14,8 +14,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from idp_core.recovery import IDP, markdown, pct, plots, recovered, summarise
-from idp_core.tasks import TASKS_DIR, evaluate_task, load_task, task_files
+from idp_core.lab.recovery import IDP, markdown, pct, plots, recovered, summarise
+from idp_core.lab.tasks import TASKS_DIR, evaluate_task, load_task, task_files
 
 
 # ---- running ------------------------------------------------------------------------------
@@ -33,7 +33,7 @@ def run_method(engine, tasks, *, selection: str, batch_size: int, ppl_ids, ppl_w
                ppl_seq_len: int, reuse: dict[str, Any] | None = None) -> dict[str, Any]:
     """All tasks (and WikiText-2 perplexity if `ppl_ids` is given) for one selection; tasks in
     `reuse` (name -> saved result) are copied instead of run."""
-    from idp_core.evaluate import perplexity
+    from idp_core.lab.evaluate import perplexity
 
     out: dict[str, Any] = {"selection": selection, "tasks": {}}
     for task in tasks:
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _ppl_ids(lm, args):
-    from idp_core.data import load_wikitext2
+    from idp_core.lab.data import load_wikitext2
 
     return load_wikitext2(lm.tokenizer) if args.ppl_windows > 0 else None
 
@@ -121,8 +121,8 @@ def _lora_engine(source, lora_path, dtype):
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from idp_core.artefacts import ensure_default_model
     from idp_core.generate import Engine
+    from idp_core.lab.artefacts import ensure_default_model
     from idp_core.model import load_model
 
     source = None if args.original else (args.model or ensure_default_model())
@@ -178,9 +178,9 @@ def report_methods(bank, requested: list[str] | None) -> list[tuple[str, str, st
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from idp_core.artefacts import DEFAULT_BANK, DEFAULT_LORA, ensure_default_model
     from idp_core.bank import PromptBank
     from idp_core.generate import Engine
+    from idp_core.lab.artefacts import DEFAULT_BANK, DEFAULT_LORA, ensure_default_model
     from idp_core.model import load_model
 
     out = Path(args.out or "docs")

@@ -11,11 +11,11 @@ import json
 import logging
 from pathlib import Path
 
-from idp_core.compress import REPORT_FILE, CompressConfig, compress
+from idp_core.lab.compress import REPORT_FILE, CompressConfig, compress
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CACHE_DIR = REPO / ".cache" / "models"
 
 # GPTQ W4, group 64, on 16 x 512 C4 tokens: chosen by WikiText-2 perplexity (docs/artefacts.md).

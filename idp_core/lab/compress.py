@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 import torch
 
-from idp_core.data import DEFAULT_CALIB, describe_data, load_chunks, load_wikitext2
 from idp_core.generate import Engine
+from idp_core.lab.data import DEFAULT_CALIB, describe_data, load_chunks, load_wikitext2
 from idp_core.model import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def wikitext_perplexity(lm: LoadedModel, config: CompressConfig) -> float | None
     """WikiText-2 perplexity of the plain model (selection "none") through the engine."""
     if config.eval_windows == 0:
         return None
-    from idp_core.evaluate import perplexity
+    from idp_core.lab.evaluate import perplexity
 
     ids = load_wikitext2(lm.tokenizer)
     return perplexity(
@@ -301,7 +301,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from idp_core.artefacts import CACHE_DIR
+    from idp_core.lab.artefacts import CACHE_DIR
 
     config = CompressConfig(
         method=args.method, bits=args.bits, group_size=args.group_size,

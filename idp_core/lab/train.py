@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from idp_core.bank import PromptBank
 from idp_core.config import TrainConfig
-from idp_core.data import DEFAULT_CALIB, describe_data, read_texts, tokenize_chunks
+from idp_core.lab.data import DEFAULT_CALIB, describe_data, read_texts, tokenize_chunks
 from idp_core.model import LoadedModel, resolve_dtype
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -315,7 +315,7 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from idp_core.artefacts import ensure_default_model
+    from idp_core.lab.artefacts import ensure_default_model
     from idp_core.model import load_model
 
     if args.threads:

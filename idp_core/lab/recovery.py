@@ -8,7 +8,13 @@ from typing import Any
 
 import numpy as np
 
-from idp_core.tasks import GROUP_ORDER, PRIMARY, bootstrap_ci, bootstrap_means, lambada_perplexity
+from idp_core.lab.tasks import (
+    GROUP_ORDER,
+    PRIMARY,
+    bootstrap_ci,
+    bootstrap_means,
+    lambada_perplexity,
+)
 
 NUM_BOOT = 1000
 IDP = "+IDP"

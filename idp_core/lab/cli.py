@@ -10,16 +10,18 @@ import sys
 # subcommand -> (module, one-line help). Modules import heavy libraries only when run.
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("server.__main__", "serve the OpenAI-compatible HTTP API"),
-    "loadgen": ("server.loadgen", "closed-loop streaming load against running servers"),
-    "soak": ("server.soak", "bounded load/soak test past capacity: errors, latency, leaks"),
-    "bench": ("idp_core.bench", "latency, selection, prefix, served, memory, profile benchmarks"),
-    "compress": ("idp_core.compress", "GPTQ / SparseGPT compression with llm-compressor"),
-    "train-prompts": ("idp_core.train", "train a bank of soft prompts on a compressed model"),
-    "train-lora": ("idp_core.train", "train the LoRA baseline adapter on a compressed model"),
-    "evaluate": ("idp_core.evaluate", "WikiText-2 perplexity through the serving engine"),
-    "eval": ("idp_core.report", "task suite (ARC, PIQA, HellaSwag, ...) through the engine"),
-    "report": ("idp_core.report", "recovery grid: Table 1 Markdown, JSON and PNGs with CIs"),
-    "build-default": ("idp_core.artefacts", "rebuild the default compressed model into .cache/"),
+    "loadgen": ("idp_core.lab.loadgen", "closed-loop streaming load against running servers"),
+    "soak": ("idp_core.lab.soak", "bounded load/soak test past capacity: errors, latency, leaks"),
+    "bench": ("idp_core.lab.bench",
+              "latency, selection, prefix, served, memory, profile benchmarks"),
+    "compress": ("idp_core.lab.compress", "GPTQ / SparseGPT compression with llm-compressor"),
+    "train-prompts": ("idp_core.lab.train", "train a bank of soft prompts on a compressed model"),
+    "train-lora": ("idp_core.lab.train", "train the LoRA baseline adapter on a compressed model"),
+    "evaluate": ("idp_core.lab.evaluate", "WikiText-2 perplexity through the serving engine"),
+    "eval": ("idp_core.lab.report", "task suite (ARC, PIQA, HellaSwag, ...) through the engine"),
+    "report": ("idp_core.lab.report", "recovery grid: Table 1 Markdown, JSON and PNGs with CIs"),
+    "build-default": ("idp_core.lab.artefacts",
+                      "rebuild the default compressed model into .cache/"),
 }
 
 

@@ -28,13 +28,13 @@ import torch
 from torch import Tensor
 
 from idp_core.bank import PromptBank
-from idp_core.bench_render import TABLES, plot
 from idp_core.config import AUTO, CONCAT, NONE, GenConfig
-from idp_core.data import load_wikitext2
 from idp_core.generate import Engine, GenRequest
 from idp_core.kv import precompute_prompt_kv
+from idp_core.lab.bench_render import TABLES, plot
+from idp_core.lab.data import load_wikitext2
+from idp_core.lab.train import LORA_TARGETS
 from idp_core.model import LoadedModel, load_model, resolve_device, resolve_dtype, wrap_model
-from idp_core.train import LORA_TARGETS
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ class ServerProcess:
         self.log = tempfile.NamedTemporaryFile("w", prefix="idp-bench-server-", suffix=".log",
                                                delete=False)
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     cwd=Path(__file__).resolve().parents[1])
+                                     cwd=Path(__file__).resolve().parents[2])
         try:
             wait_healthy(self.proc, self.url, self.timeout_s)
         except (RuntimeError, TimeoutError) as e:
@@ -481,7 +481,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from idp_core.artefacts import DEFAULT_BANK, ensure_default_model
+    from idp_core.lab.artefacts import DEFAULT_BANK, ensure_default_model
 
     model = args.model or ensure_default_model()
     if args.random_weights:
