@@ -7,6 +7,8 @@ import hmac
 import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -18,6 +20,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from idp_core import paths
 from idp_core.bank import PromptBank
 from idp_core.config import GenConfig, SelectConfig
 from idp_core.generate import Engine, GenRequest
@@ -30,6 +33,12 @@ from server.routes import router
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
+
+_BUILD_DEFAULT = (
+    "import logging; from idp_core.lab.artefacts import ensure_default_model; "
+    "logging.basicConfig(level=logging.INFO, "
+    "format='%(asctime)s %(levelname)s %(name)s: %(message)s'); ensure_default_model()"
+)
 
 
 @dataclass
@@ -59,9 +68,20 @@ def resolve_sources(settings: Settings) -> tuple[str | None, str | None]:
         return model, None
     if settings.bank:
         return model, settings.bank
-    from idp_core.lab.artefacts import DEFAULT_BANK
+    return model, str(paths.DEFAULT_BANK) if model is None else None
 
-    return model, str(DEFAULT_BANK) if model is None else None
+
+def default_model() -> Path:
+    """The default compressed model, built on first use by the lab in a child process.
+
+    The compressor stays out of the server's imports; the build logs to this process's output.
+    """
+    if not paths.default_model_built():
+        log.info("the default model is not built yet: building it with idp_core.lab.artefacts")
+        path = os.pathsep.join(filter(None, [str(paths.REPO), os.environ.get("PYTHONPATH")]))
+        subprocess.run([sys.executable, "-c", _BUILD_DEFAULT], check=True,
+                       env={**os.environ, "PYTHONPATH": path})  # this same idp_core
+    return paths.DEFAULT_MODEL_DIR
 
 
 def load_state(settings: Settings, metrics_registry: Any = None) -> ServingState:
@@ -69,9 +89,7 @@ def load_state(settings: Settings, metrics_registry: Any = None) -> ServingState
     model_source, bank_dir = resolve_sources(settings)
     bank = PromptBank.load(bank_dir) if bank_dir else None  # fast: fail before the model
     if model_source is None:
-        from idp_core.lab.artefacts import ensure_default_model
-
-        model_source = str(ensure_default_model())
+        model_source = str(default_model())
     lm = load_model(model_source, dtype=settings.dtype, device=settings.device)
     store = None
     if settings.lora:

@@ -481,7 +481,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from idp_core.lab.artefacts import DEFAULT_BANK, ensure_default_model
+    from idp_core.lab.artefacts import ensure_default_model
+    from idp_core.paths import DEFAULT_BANK
 
     model = args.model or ensure_default_model()
     if args.random_weights:

@@ -23,10 +23,11 @@ import torch
 from idp_core.generate import Engine
 from idp_core.lab.data import DEFAULT_CALIB, describe_data, load_chunks, load_wikitext2
 from idp_core.model import LoadedModel, load_model
+from idp_core.paths import CACHE_DIR, COMPRESS_REPORT_FILE
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "compress.json"
+REPORT_FILE = COMPRESS_REPORT_FILE
 Method = Literal["gptq", "sparsegpt"]
 _MASKS = ("unstructured", "2:4")
 
@@ -301,8 +302,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from idp_core.lab.artefacts import CACHE_DIR
-
     config = CompressConfig(
         method=args.method, bits=args.bits, group_size=args.group_size,
         symmetric=not args.asymmetric, sparsity=args.sparsity, mask=args.mask,

@@ -180,8 +180,9 @@ def report_methods(bank, requested: list[str] | None) -> list[tuple[str, str, st
 def run_report(args: argparse.Namespace) -> int:
     from idp_core.bank import PromptBank
     from idp_core.generate import Engine
-    from idp_core.lab.artefacts import DEFAULT_BANK, DEFAULT_LORA, ensure_default_model
+    from idp_core.lab.artefacts import ensure_default_model
     from idp_core.model import load_model
+    from idp_core.paths import DEFAULT_BANK, DEFAULT_LORA
 
     out = Path(args.out or "docs")
     raw_dir = out / "recovery_raw"
