@@ -22,10 +22,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from idp_core import paths
 from idp_core.bank import PromptBank
+from idp_core.build import build_engine
 from idp_core.config import GenConfig, SelectConfig
 from idp_core.generate import Engine, GenRequest
-from idp_core.kv import precompute_prompt_kv
-from idp_core.model import LoadedModel, attach_lora, load_model
+from idp_core.model import LoadedModel, load_model
 from server.engine import AsyncEngine
 from server.errors import error_body, install_handlers
 from server.metrics import Metrics
@@ -91,22 +91,11 @@ def load_state(settings: Settings, metrics_registry: Any = None) -> ServingState
     if model_source is None:
         model_source = str(default_model())
     lm = load_model(model_source, dtype=settings.dtype, device=settings.device)
-    store = None
-    if settings.lora:
-        attach_lora(lm, settings.lora)  # unmerged
-        mode = "lora"
-    elif bank is not None:
-        bank.check_model(lm.fingerprint, strict=settings.strict_fingerprint, origin=bank_dir or "")
-        t0 = time.perf_counter()
-        store = precompute_prompt_kv(lm.model, bank)
-        log.info("pinned KV of %d prompts (%s tokens, %.1f MB) in %.2f s", len(bank.names),
-                 bank.lengths, store.num_bytes() / 1e6, time.perf_counter() - t0)
-        mode = "idp"
-    else:
-        mode = "none"
-    engine = Engine(lm, store, select_config=SelectConfig(score=settings.selection_score,
-                                                       align=settings.selection_align),
-                    method_without_bank="lora" if settings.lora else "none")
+    mode = "lora" if settings.lora else "idp" if bank is not None else "none"
+    engine = build_engine(lm, bank=bank, lora=settings.lora or None,
+                          select_config=SelectConfig(score=settings.selection_score,
+                                                     align=settings.selection_align),
+                          strict_fingerprint=settings.strict_fingerprint, origin=bank_dir or "")
     engine.generate([GenRequest([lm.tokenizer.eos_token_id or 0], GenConfig(max_tokens=2))])
     name = settings.served_model_name or lm.name
     metrics = Metrics(name, mode, metrics_registry)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import platform
@@ -28,9 +29,9 @@ import torch
 from torch import Tensor
 
 from idp_core.bank import PromptBank
+from idp_core.build import build_engine
 from idp_core.config import AUTO, CONCAT, NONE, GenConfig
 from idp_core.generate import Engine, GenRequest
-from idp_core.kv import precompute_prompt_kv
 from idp_core.lab.bench_render import TABLES, plot
 from idp_core.lab.data import load_wikitext2
 from idp_core.lab.train import LORA_TARGETS
@@ -82,21 +83,17 @@ def lora_variant(lm: LoadedModel, rank: int, *, adapter_fp32: bool = False) -> E
     Adapter weights are in the model's dtype, as `attach_lora` serves them; `adapter_fp32`
     keeps peft's default instead (float32 adapters on a bfloat16 model).
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
-    base = copy.deepcopy(lm.model)
-    peft_model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank,
-                                                 target_modules=list(LORA_TARGETS),
-                                                 init_lora_weights=False),
-                                autocast_adapter_dtype=adapter_fp32).eval()
-    wrapped = LoadedModel(peft_model, lm.tokenizer, lm.name, lm.source, lm.kind,
-                          lm.dequantized, lm.fingerprint)
-    return Engine(wrapped, None, method_without_bank="lora")
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(LORA_TARGETS),
+                        init_lora_weights=False)
+    copy_of_lm = dataclasses.replace(lm, model=copy.deepcopy(lm.model))
+    return build_engine(copy_of_lm, lora=config, adapter_fp32=adapter_fp32)
 
 
 def build_variants(lm: LoadedModel, bank: PromptBank, lora_ranks: list[int],
                    lora_fp32_ranks: list[int]) -> list[Variant]:
-    engine = Engine(lm, precompute_prompt_kv(lm.model, bank))
+    engine = build_engine(lm, bank=bank, check_fingerprint=False)  # run() checked it
     longest = bank.names[max(range(len(bank.names)), key=lambda i: bank.lengths[i])]
     variants = [Variant("none", engine, NONE), Variant(f"prompt:{longest}", engine, longest),
                 Variant("idp", engine, AUTO), Variant("concat", engine, CONCAT)]
@@ -167,7 +164,7 @@ def run_selection(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -
     records = []
     for m in args.bank_sizes:
         lengths = [bank.lengths[i % len(bank.lengths)] for i in range(m)]
-        engine = Engine(lm, precompute_prompt_kv(lm.model, synthetic_bank(lm, lengths)))
+        engine = build_engine(lm, bank=synthetic_bank(lm, lengths), check_fingerprint=False)
         for batch in args.batch_sizes:
             rows = input_rows(lm, batch, args.seq_len)
             reqs = [GenRequest(r, GenConfig(max_tokens=1)) for r in rows]
@@ -187,8 +184,8 @@ def run_selection(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -
 
 def run_prefix(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> dict[str, Any]:
     """Prefill on cached prompt KV vs recomputing [P; X] from embeddings for every request."""
-    store = precompute_prompt_kv(lm.model, bank)
-    engine = Engine(lm, store)
+    engine = build_engine(lm, bank=bank, check_fingerprint=False)  # run() checked it
+    store = engine.store
     rows = input_rows(lm, args.batch, args.seq_len)
     records = []
     for name, prompt in zip(bank.names, bank.prompts, strict=True):
@@ -347,7 +344,7 @@ def run_served(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> d
     """The same B requests (B x seq_len token ids, N new tokens, IDP): in-process
     `Engine.generate` vs a burst of B concurrent HTTP requests to a server process running the
     same model and bank with max batch B. Throughput ratio served / in-process."""
-    engine = Engine(lm, precompute_prompt_kv(lm.model, bank))
+    engine = build_engine(lm, bank=bank, check_fingerprint=False)  # run() checked it
     rows = input_rows(lm, args.batch, args.seq_len)
     reqs = [GenRequest(r, GenConfig(max_tokens=args.new_tokens, ignore_eos=True), AUTO)
             for r in rows]
@@ -392,7 +389,7 @@ def run_memory(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> d
     import ctypes
     import random
 
-    engine = Engine(lm, precompute_prompt_kv(lm.model, bank))
+    engine = build_engine(lm, bank=bank, check_fingerprint=False)  # run() checked it
     rng = random.Random(0)
     vocab = int(lm.model.config.vocab_size)
     records = [{"batches": 0, "rss_mb": _rss_mb(), "live_tensor_mb": _live_tensor_mb()}]

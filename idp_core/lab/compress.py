@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-from idp_core.generate import Engine
+from idp_core.build import build_engine
 from idp_core.lab.data import DEFAULT_CALIB, describe_data, load_chunks, load_wikitext2
 from idp_core.model import LoadedModel, load_model
 from idp_core.paths import CACHE_DIR, COMPRESS_REPORT_FILE
@@ -148,7 +148,7 @@ def wikitext_perplexity(lm: LoadedModel, config: CompressConfig) -> float | None
 
     ids = load_wikitext2(lm.tokenizer)
     return perplexity(
-        Engine(lm, None), ids, selection="none", seq_len=config.eval_seq_len,
+        build_engine(lm), ids, selection="none", seq_len=config.eval_seq_len,
         max_windows=config.eval_windows, progress=True,
     )
 

@@ -103,25 +103,22 @@ def _ppl_ids(lm, args):
 
 def _engine(lm, bank_path):
     from idp_core.bank import PromptBank
-    from idp_core.generate import Engine
-    from idp_core.kv import precompute_prompt_kv
+    from idp_core.build import build_engine
 
     bank = PromptBank.load(bank_path)
-    bank.check_model(lm.fingerprint, origin=str(bank_path))
-    return Engine(lm, precompute_prompt_kv(lm.model, bank)), bank
+    return build_engine(lm, bank=bank, origin=str(bank_path)), bank
 
 
 def _lora_engine(source, lora_path, dtype):
-    from idp_core.generate import Engine
-    from idp_core.model import attach_lora, load_model
+    from idp_core.build import build_engine
+    from idp_core.model import load_model, lora_parameters
 
-    lm = load_model(source, dtype=dtype)
-    params = attach_lora(lm, lora_path)
-    return Engine(lm, None, method_without_bank="lora"), params
+    engine = build_engine(load_model(source, dtype=dtype), lora=lora_path)
+    return engine, lora_parameters(engine.lm.model)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from idp_core.generate import Engine
+    from idp_core.build import build_engine
     from idp_core.lab.artefacts import ensure_default_model
     from idp_core.model import load_model
 
@@ -140,7 +137,7 @@ def run_eval(args: argparse.Namespace) -> int:
         else:
             if engine is None:
                 lm = load_model(source, dtype=args.dtype)
-                engine = _engine(lm, args.bank)[0] if args.bank else Engine(lm, None)
+                engine = _engine(lm, args.bank)[0] if args.bank else build_engine(lm)
             run_engine, sel_used, params = engine, sel, 0
         raw[sel] = {**run_method(run_engine, tasks, selection=sel_used,
                                  batch_size=args.batch_size, ppl_ids=_ppl_ids(run_engine.lm, args),
@@ -179,7 +176,7 @@ def report_methods(bank, requested: list[str] | None) -> list[tuple[str, str, st
 
 def run_report(args: argparse.Namespace) -> int:
     from idp_core.bank import PromptBank
-    from idp_core.generate import Engine
+    from idp_core.build import build_engine
     from idp_core.lab.artefacts import ensure_default_model
     from idp_core.model import load_model
     from idp_core.paths import DEFAULT_BANK, DEFAULT_LORA
@@ -216,11 +213,11 @@ def run_report(args: argparse.Namespace) -> int:
         print(f"== {name}", flush=True)
         params = 0
         if kind == "uncompressed":
-            engine = Engine(load_model(None, dtype=args.dtype), None)
+            engine = build_engine(load_model(None, dtype=args.dtype))
         elif kind == "lora":
             engine, params = _lora_engine(source, lora_path, args.dtype)
         elif kind == "compressed" and bank is None:
-            engine = Engine(load_model(source, dtype=args.dtype), None)
+            engine = build_engine(load_model(source, dtype=args.dtype))
         else:
             if "bank" not in engines:
                 engines["bank"] = _engine(load_model(source, dtype=args.dtype), bank_path)[0]
