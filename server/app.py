@@ -26,10 +26,10 @@ from idp_core.build import build_engine
 from idp_core.config import GenConfig, SelectConfig
 from idp_core.generate import Engine, GenRequest
 from idp_core.model import LoadedModel, load_model
-from server.engine import AsyncEngine
 from server.errors import error_body, install_handlers
 from server.metrics import Metrics
 from server.routes import router
+from server.scheduler import Scheduler
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class ServingState:
 
     lm: LoadedModel
     engine: Engine
-    aengine: AsyncEngine
+    scheduler: Scheduler
     bank: PromptBank | None
     model_name: str
     mode: str  # idp | lora | none
@@ -99,13 +99,13 @@ def load_state(settings: Settings, metrics_registry: Any = None) -> ServingState
     engine.generate([GenRequest([lm.tokenizer.eos_token_id or 0], GenConfig(max_tokens=2))])
     name = settings.served_model_name or lm.name
     metrics = Metrics(name, mode, metrics_registry)
-    aengine = AsyncEngine(engine, metrics, max_batch_size=settings.max_batch_size,
+    scheduler = Scheduler(engine, metrics, max_batch_size=settings.max_batch_size,
                           max_batch_tokens=settings.max_batch_tokens,
                           max_queue=settings.max_queue,
                           static=settings.scheduling == "static",
                           fault_token_id=settings.fault_token_id)
-    aengine.start()
-    return ServingState(lm, engine, aengine, bank, name, mode, int(time.time()))
+    scheduler.start()
+    return ServingState(lm, engine, scheduler, bank, name, mode, int(time.time()))
 
 
 def build_app(settings: Settings) -> FastAPI:
@@ -120,7 +120,7 @@ def build_app(settings: Settings) -> FastAPI:
                 log.error("cannot start: %s: %s", type(e).__name__, e)
                 logging.shutdown()
                 os._exit(1)
-            app.state.metrics = state.aengine.metrics
+            app.state.metrics = state.scheduler.metrics
             app.state.serving = state
             log.info("ready: %s (%s) on %s", state.model_name, state.mode, state.lm.device)
 
@@ -129,7 +129,7 @@ def build_app(settings: Settings) -> FastAPI:
         threading.Thread(target=warm_up, name="idp-warmup", daemon=True).start()
         yield
         if app.state.serving is not None:
-            app.state.serving.aengine.stop()
+            app.state.serving.scheduler.stop()
 
     app = FastAPI(title="IDP inference server", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings

@@ -18,7 +18,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from idp_core.config import GenConfig
 from idp_core.generate import GenRequest, GenResult, TokenLogprob
-from server.engine import Submission, Update
 from server.errors import (
     BadRequest,
     ClientDisconnected,
@@ -37,6 +36,7 @@ from server.protocol import (
     TokenizeRequest,
     Usage,
 )
+from server.scheduler import Submission, Update
 
 router = APIRouter()
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ async def health(request: Request) -> JSONResponse:
     state = request.app.state.serving
     if state is None:
         return JSONResponse({"status": "loading"}, status_code=503)
-    if state.aengine.draining:
+    if state.scheduler.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
     return JSONResponse({"status": "ok", "mode": state.mode})
 
@@ -81,7 +81,7 @@ async def models(request: Request) -> dict[str, Any]:
 @router.get("/v1/prompts")
 async def prompts(request: Request) -> dict[str, Any]:
     s = serving_state(request)
-    counts = s.aengine.selection_counts
+    counts = s.scheduler.selection_counts
     data = [] if s.bank is None else [
         {"name": n, "length": length, "selected": counts.get(n, 0)}
         for n, length in zip(s.bank.names, s.bank.lengths, strict=True)
@@ -162,7 +162,7 @@ async def stream_completions(s: Any, works: list[Submission], rid: str,
             choice["logprobs"] = logprobs_block(s, update.logprobs).model_dump()
         if update.result is not None:
             r = update.result
-            choice.update(finish_reason=r.finish_reason, prompt_used=r.prefix,
+            choice.update(finish_reason=r.finish_reason, prompt_used=r.prompt_used,
                           selection_scores=r.scores)
         yield {"id": rid, "object": "text_completion", "created": created,
                "model": s.model_name, "choices": [choice]}
@@ -180,7 +180,7 @@ def completion_choice(s: Any, index: int, r: GenResult) -> CompletionChoice:
     if r.prompt_logprobs is not None:
         text = s.lm.tokenizer.decode(r.input_ids) + text
     return CompletionChoice(index=index, text=text, logprobs=lps, finish_reason=r.finish_reason,
-                            prompt_used=r.prefix, selection_scores=r.scores)
+                            prompt_used=r.prompt_used, selection_scores=r.scores)
 
 
 def logprobs_block(s: Any, entries: list[Any], ids: list[int] | None = None
@@ -218,7 +218,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     r = (await collect_all(s, works, request))[0]
     choice = {"index": 0, "message": {"role": "assistant", "content": r.text},
               "logprobs": chat_logprobs(s, r.output_logprobs), "finish_reason": r.finish_reason,
-              "prompt_used": r.prefix, "selection_scores": r.scores}
+              "prompt_used": r.prompt_used, "selection_scores": r.scores}
     return JSONResponse({"id": rid, "object": "chat.completion", "created": created,
                          "model": s.model_name, "choices": [choice],
                          "usage": usage([r]).model_dump()})
@@ -240,7 +240,7 @@ async def stream_chat(s: Any, work: Submission, rid: str,
             yield chunk({"content": update.text}, **extra)
         if update.result is not None:
             yield chunk({}, finish_reason=update.result.finish_reason,
-                        prompt_used=update.result.prefix,
+                        prompt_used=update.result.prompt_used,
                         selection_scores=update.result.scores)
 
 
@@ -330,7 +330,7 @@ def submit_all(s: Any, reqs: list[GenRequest], *, stream: bool) -> list[Submissi
     works: list[Submission] = []
     try:
         for r in reqs:
-            works.append(s.aengine.submit(r, stream=stream))
+            works.append(s.scheduler.submit(r, stream=stream))
     except Exception:
         for w in works:
             w.cancelled = True
@@ -343,7 +343,7 @@ async def collect_all(s: Any, works: list[Submission], request: Request) -> list
     timeout_s = request.app.state.settings.request_timeout_s
 
     async def result(work: Submission) -> GenResult:
-        async with contextlib.aclosing(s.aengine.updates(work)) as updates:
+        async with contextlib.aclosing(s.scheduler.updates(work)) as updates:
             async for u in updates:
                 if u.error is not None:
                     raise u.error
@@ -382,7 +382,7 @@ async def merge_streams(s: Any, works: list[Submission]
     queue: asyncio.Queue[tuple[int, Update]] = asyncio.Queue()
 
     async def pump(i: int, work: Submission) -> None:
-        async with contextlib.aclosing(s.aengine.updates(work)) as updates:
+        async with contextlib.aclosing(s.scheduler.updates(work)) as updates:
             async for u in updates:
                 await queue.put((i, u))
 

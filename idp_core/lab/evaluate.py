@@ -62,7 +62,7 @@ def window_nll(
             scored = [lp.logprob for lp in (res.prompt_logprobs or [])[1:] if lp is not None]
             total -= math.fsum(scored)
             count += len(scored)
-            used[res.prefix] = used.get(res.prefix, 0) + 1
+            used[res.prompt_used] = used.get(res.prompt_used, 0) + 1
         bar.update(len(chunk))
     bar.close()
     return total, count, used

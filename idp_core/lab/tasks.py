@@ -358,7 +358,7 @@ def evaluate_task(
                            progress=progress)
     used: dict[str, int] = {}
     for res in results:
-        used[res.prefix] = used.get(res.prefix, 0) + 1
+        used[res.prompt_used] = used.get(res.prompt_used, 0) + 1
     per_item = score_results(task, owners, results)
     return TaskResult(task.name, task.kind, len(task.items), per_item, used)
 
