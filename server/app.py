@@ -13,7 +13,6 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,14 @@ from idp_core import paths
 from idp_core.bank import PromptBank
 from idp_core.build import build_engine
 from idp_core.config import GenConfig, SelectConfig
-from idp_core.generate import Engine, GenRequest
-from idp_core.model import LoadedModel, load_model
+from idp_core.generate import GenRequest
+from idp_core.model import load_model
 from server.errors import error_body, install_handlers
 from server.metrics import Metrics
 from server.routes import router
 from server.scheduler import Scheduler
 from server.settings import Settings
+from server.state import ServingState
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +39,6 @@ _BUILD_DEFAULT = (
     "logging.basicConfig(level=logging.INFO, "
     "format='%(asctime)s %(levelname)s %(name)s: %(message)s'); ensure_default_model()"
 )
-
-
-@dataclass
-class ServingState:
-    """Everything the handlers need once warm-up is done."""
-
-    lm: LoadedModel
-    engine: Engine
-    scheduler: Scheduler
-    bank: PromptBank | None
-    model_name: str
-    mode: str  # idp | lora | none
-    started: int
 
 
 def resolve_sources(settings: Settings) -> tuple[str | None, str | None]:
