@@ -26,3 +26,13 @@ def test_no_server_module_has_a_lab_import_statement():
 
 def test_default_model_name_matches_the_recipe():
     assert paths.DEFAULT_MODEL_NAME == f"SmolLM2-135M-Instruct-{DEFAULT_COMPRESS.label()}"
+
+
+def test_cli_eval_verbs_and_their_old_spellings():
+    from idp_core.lab.cli import canonical
+
+    assert canonical(["eval", "tasks", "--limit", "2"]) == ["eval-tasks", "--limit", "2"]
+    assert canonical(["-v", "eval", "ppl", "--bank", "b"]) == ["-v", "eval-ppl", "--bank", "b"]
+    assert canonical(["eval", "--tasks", "arc"]) == ["eval-tasks", "--tasks", "arc"]
+    assert canonical(["evaluate", "--max-windows", "2"]) == ["eval-ppl", "--max-windows", "2"]
+    assert canonical(["bench", "latency", "--out", "eval"]) == ["bench", "latency", "--out", "eval"]
