@@ -13,11 +13,8 @@ import dataclasses
 import json
 import logging
 import platform
-import socket
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +31,7 @@ from idp_core.config import AUTO, CONCAT, NONE, GenConfig
 from idp_core.generate import Engine, GenRequest
 from idp_core.lab.bench_render import TABLES, plot
 from idp_core.lab.data import load_wikitext2
+from idp_core.lab.servers import ServerProcess
 from idp_core.lab.train import LORA_TARGETS
 from idp_core.model import LoadedModel, load_model, resolve_device, resolve_dtype, wrap_model
 
@@ -264,60 +262,6 @@ def run_profile(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> 
     return {"records": records}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
-    """Poll `url`/health until it answers 200; RuntimeError if `proc` exits first,
-    TimeoutError after `timeout_s`."""
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"server not healthy within {timeout_s} s")
-
-
-class ServerProcess:
-    """`python -m server` on a free loopback port, for as long as the `with` block runs."""
-
-    def __init__(self, args: argparse.Namespace, *, timeout_s: float = 900.0) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "server", "--port", str(self.port), "--dtype",
-                    args.dtype, "--device", args.device, "--max-batch-size", str(args.batch),
-                    *(["--model", args.model] if args.model else []),
-                    *(["--bank", args.bank] if args.bank else [])]
-        self.timeout_s = timeout_s
-
-    def __enter__(self) -> ServerProcess:
-        self.log = tempfile.NamedTemporaryFile("w", prefix="idp-bench-server-", suffix=".log",
-                                               delete=False)
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     cwd=Path(__file__).resolve().parents[2])
-        try:
-            wait_healthy(self.proc, self.url, self.timeout_s)
-        except (RuntimeError, TimeoutError) as e:
-            self.__exit__()
-            raise type(e)(f"{e}; see {self.log.name}") from None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
-        self.log.close()
-
-
 def burst(url: str, rows: list[list[int]], new_tokens: int) -> list[int]:
     """All rows as concurrent non-streaming completions; returns the tokens each one got."""
     import asyncio
@@ -350,7 +294,11 @@ def run_served(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> d
             for r in rows]
     tokens = args.batch * args.new_tokens
     inproc, served = [], []
-    with ServerProcess(args) as server:
+    with ServerProcess("--dtype", args.dtype, "--device", args.device,
+                       "--max-batch-size", str(args.batch),
+                       *(["--model", args.model] if args.model else []),
+                       *(["--bank", args.bank] if args.bank else []),
+                       timeout_s=900.0, keep_log=True) as server:
         for rep in range(args.warmup + args.repeats):
             t_in, out = timed(lambda: engine.generate(reqs), lm.device)
             t_srv, got = timed(lambda: burst(server.url, rows, args.new_tokens), lm.device)
