@@ -32,9 +32,8 @@ def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's malloc_trim, or None where the C library has none (musl, macOS).
 
     Batches of ever-changing shapes leave freed tensor memory in glibc's arenas, which it keeps
-    instead of returning to the OS. On the default model a 2-minute soak grew resident memory
-    by 52 %; `idp bench memory` shows live tensors flat at 266 MB while RSS rises by ~220 MB,
-    of which malloc_trim(0) hands back 123 MB (docs/reliability.md).
+    instead of returning to the OS: resident memory grows while live tensors stay flat, and
+    malloc_trim(0) hands much of it back (`idp bench memory`; figures in docs/reliability.md).
     """
     try:
         return ctypes.CDLL("libc.so.6").malloc_trim

@@ -1,4 +1,5 @@
-"""`idp compress`: GPTQ quantization or SparseGPT pruning with llm-compressor, on CPU or GPU.
+"""`idp compress`: GPTQ quantization or SparseGPT pruning with llm-compressor (the model is
+always loaded on CPU; `compress.json` records "device": "cpu").
 
 Writes a compressed-tensors checkpoint folder (loadable by `idp_core.model.load_model`,
 transformers and vLLM) plus `compress.json`: method, settings, calibration data, library
