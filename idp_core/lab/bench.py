@@ -12,13 +12,10 @@ import copy
 import dataclasses
 import json
 import logging
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +28,7 @@ from idp_core.config import AUTO, CONCAT, NONE, GenConfig
 from idp_core.generate import Engine, GenRequest
 from idp_core.lab.bench_render import TABLES, plot
 from idp_core.lab.data import load_wikitext2
+from idp_core.lab.provenance import machine
 from idp_core.lab.servers import ServerProcess
 from idp_core.lab.train import LORA_TARGETS
 from idp_core.model import LoadedModel, load_model, resolve_device, resolve_dtype, wrap_model
@@ -352,24 +350,6 @@ def run_memory(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> d
     records.append({"batches": "after malloc_trim", "rss_mb": _rss_mb(),
                     "live_tensor_mb": _live_tensor_mb()})
     return {"records": records}
-
-
-def machine() -> dict[str, Any]:
-    """Date, machine, torch and the git commit a benchmark ran at."""
-    def git(*argv: str) -> str:
-        return subprocess.run(["git", *argv], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        if git("status", "--porcelain", "--untracked-files=no"):
-            commit += "+uncommitted"
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": platform.machine(), "processor": platform.processor(),
-            "cpu_count": torch.get_num_threads(), "torch": torch.__version__,
-            "git_commit": commit}
 
 
 def random_model(folder: str | Path, *, dtype: str, device: str, seed: int = 0) -> LoadedModel:

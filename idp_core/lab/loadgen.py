@@ -155,7 +155,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
 def environment(targets: list[list[str]], args: argparse.Namespace) -> dict[str, Any]:
     """This machine and commit, and what each target reports it serves (its /v1/models)."""
-    from idp_core.lab.bench import machine
+    from idp_core.lab.provenance import machine
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     served = {}

@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from idp_core.lab.provenance import git_commit
 from idp_core.lab.recovery import IDP, markdown, pct, plots, recovered, summarise
 from idp_core.lab.tasks import TASKS_DIR, evaluate_task, load_task, task_files
 
@@ -81,14 +81,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="report: rebuild Markdown/PNG/JSON from the saved raw results")
     parser.add_argument("--notes", default=None,
                         help="report: a Markdown file appended to recovery.md (findings)")
-
-
-def _git() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -240,7 +232,8 @@ def run_report(args: argparse.Namespace) -> int:
         path.write_text(json.dumps(raw[name]) + "\n")
     summary = summarise(raw)
     meta = {"model": source.name, "bank": str(bank_path), "lora": str(lora_path),
-            "limit": args.limit, "seed": args.seed, "dtype": args.dtype, "git": _git(),
+            "limit": args.limit, "seed": args.seed, "dtype": args.dtype,
+            "git": git_commit(short=True),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "ppl_windows": args.ppl_windows, "ppl_seq_len": args.ppl_seq_len,
             "command": getattr(args, "command_line", None) or _command(args)}
