@@ -14,9 +14,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from idp_core import paths
@@ -71,7 +71,8 @@ def default_model() -> Path:
     return paths.DEFAULT_MODEL_DIR
 
 
-def load_state(settings: Settings, metrics_registry: Any = None) -> ServingState:
+def load_state(settings: Settings,
+               metrics_registry: CollectorRegistry | None = None) -> ServingState:
     """Load the model once, pin the prompt KV, warm up, and start the engine thread."""
     model_source, bank_dir = resolve_sources(settings)
     bank = PromptBank.load(bank_dir) if bank_dir else None  # fast: fail before the model

@@ -1,6 +1,7 @@
-"""`idp eval` (one model, several recovery methods, the task suite) and `idp report` (the recovery
-grid of Hoang et al. Table 1: uncompressed / compressed / +prompt / +concat / +LoRA / +IDP, as
-Markdown, JSON and PNGs with 95% bootstrap CIs). Every score goes through the serving engine.
+"""`idp eval tasks` (one model, several recovery methods, the task suite) and `idp report`, which
+runs the recovery grid of Hoang et al. Table 1 (uncompressed / compressed / +prompt / +concat /
++LoRA / +IDP) and has `recovery.py` render it as Markdown, JSON and PNGs with 95% bootstrap CIs.
+Every score goes through the serving engine.
 """
 
 from __future__ import annotations
