@@ -1,5 +1,4 @@
-"""The lab: tools that make and measure artefacts, behind the `idp` command (cli.py).
+"""The lab: tools that make and measure artefacts (training, curves), behind the `idp` command.
 
-Data, compression, training, perplexity and task evaluation, the recovery report, benchmarks,
-load clients and server-process harnesses. `server/` never imports this package.
+The server never imports this package.
 """

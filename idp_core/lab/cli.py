@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-tasks": ("idp_core.lab.report",
                    "`idp eval tasks`: task suite (ARC, PIQA, HellaSwag, ...) through the engine"),
     "report": ("idp_core.lab.report", "recovery grid: Table 1 Markdown, JSON and PNGs with CIs"),
+    "curve": ("idp_core.lab.curve", "recovery curve: train methods, score them at milestones"),
     "build-default": ("idp_core.lab.artefacts",
                       "rebuild the default compressed model into .cache/"),
 }
