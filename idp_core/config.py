@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 # Selection modes a request may ask for, besides naming one prompt of the bank.
@@ -118,7 +118,6 @@ class TrainConfig:
     clusters: bool = False
     seed: int = 0
     dtype: str = "bfloat16"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.lr <= 0:

@@ -42,11 +42,11 @@ class TokenLogprob:
 
 
 @dataclass
-class Sequence:
-    """A request in flight: resolved prefix, sampled tokens, timings."""
+class RunningRequest:
+    """A request in flight: the prompt it uses, sampled tokens, timings."""
 
     request: GenRequest
-    prefix: str  # resolved selection: a prompt name, "none" or "concat"
+    prompt_used: str  # resolved selection: a prompt name, "none" or "concat"
     method: str  # idp | prompt | none | concat | lora
     scores: dict[str, float] | None = None
     generator: torch.Generator | None = None
@@ -70,7 +70,7 @@ class GenResult:
     """A finished request, with the stats the server turns into metrics."""
 
     request_id: str
-    prefix: str
+    prompt_used: str  # a prompt name of the bank, "none" or "concat"
     method: str
     scores: dict[str, float] | None
     input_ids: list[int]
@@ -88,7 +88,7 @@ class GenResult:
 class Batch:
     """Running rows that share one padded KV cache."""
 
-    seqs: list[Sequence]
+    seqs: list[RunningRequest]
     cache: DynamicCache
     mask: Tensor  # [B, S] 1 where the cache holds a real token
     last_tokens: Tensor  # [B] token each row feeds at the next step
@@ -163,29 +163,29 @@ class Engine:
         self._select(seqs)
         return self._prefill(seqs)
 
-    def _new_sequence(self, request: GenRequest) -> Sequence:
+    def _new_sequence(self, request: GenRequest) -> RunningRequest:
         if self.store is None:
-            prefix, method = NONE, self.method_without_bank
+            prompt, method = NONE, self.method_without_bank
         elif request.selection == AUTO:
-            prefix, method = AUTO, "idp"
+            prompt, method = AUTO, "idp"
         else:
-            prefix = request.selection
-            method = prefix if prefix in (NONE, CONCAT) else "prompt"
-        return Sequence(request, prefix, method, generator=make_generator(request.config))
+            prompt = request.selection
+            method = prompt if prompt in (NONE, CONCAT) else "prompt"
+        return RunningRequest(request, prompt, method, generator=make_generator(request.config))
 
-    def _select(self, seqs: list[Sequence]) -> None:
-        auto = [s for s in seqs if s.prefix == AUTO]
+    def _select(self, seqs: list[RunningRequest]) -> None:
+        auto = [s for s in seqs if s.prompt_used == AUTO]
         if not auto or self.store is None:
             return
         ids, mask = self._pad([s.request.input_ids for s in auto])
         sel = select_prompts(self.lm.model, self.store, ids, mask, self.select_config)
         for s, idx, row in zip(auto, sel.indices.tolist(), sel.scores.tolist(), strict=True):
-            s.prefix = self.store.names[idx]
+            s.prompt_used = self.store.names[idx]
             s.scores = dict(zip(self.store.names, row, strict=True))
             s.selection_s = sel.seconds
 
-    def _entry(self, seq: Sequence) -> PrefixKV | None:
-        return None if self.store is None else self.store.entry(seq.prefix)
+    def _entry(self, seq: RunningRequest) -> PrefixKV | None:
+        return None if self.store is None else self.store.entry(seq.prompt_used)
 
     def _pad(self, rows: list[list[int]]) -> tuple[Tensor, Tensor]:
         """Right-pad token rows: ([B, T] ids, [B, T] mask)."""
@@ -197,7 +197,7 @@ class Engine:
             mask[b, : len(r)] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _prefill(self, seqs: list[Sequence]) -> Batch:
+    def _prefill(self, seqs: list[RunningRequest]) -> Batch:
         start = time.perf_counter()
         entries = [self._entry(s) for s in seqs]
         lengths = [len(s.request.input_ids) for s in seqs]
@@ -228,7 +228,7 @@ class Engine:
         tokens = self._emit(seqs, logits)
         return Batch(seqs, cache, mask, tokens)
 
-    def _prompt_logprobs(self, seq: Sequence, hidden: Tensor) -> list[TokenLogprob | None]:
+    def _prompt_logprobs(self, seq: RunningRequest, hidden: Tensor) -> list[TokenLogprob | None]:
         """Log-probability of each input token given the ones before it (first: None)."""
         logp = torch.log_softmax(self.lm_head(hidden[:-1]).float(), dim=-1)  # [T-1, V]
         ids = seq.request.input_ids
@@ -255,7 +255,7 @@ class Engine:
             s.next_pos += 1
         batch.last_tokens = self._emit(batch.seqs, self.lm_head(hidden).float())
 
-    def _emit(self, seqs: list[Sequence], logits: Tensor) -> Tensor:
+    def _emit(self, seqs: list[RunningRequest], logits: Tensor) -> Tensor:
         """Sample a token per row, record it and its logprobs, and mark finished rows."""
         tokens = sample(logits, [s.config for s in seqs], [s.generator for s in seqs])
         logp = None
@@ -272,7 +272,7 @@ class Engine:
             self._check_finished(s, tok)
         return tokens
 
-    def _check_finished(self, s: Sequence, tok: int) -> None:
+    def _check_finished(self, s: RunningRequest, tok: int) -> None:
         if tok in self.eos_ids and not s.config.ignore_eos:
             s.finish_reason = "stop"
         elif s.config.stop and self._find_stop(s):
@@ -280,7 +280,7 @@ class Engine:
         elif len(s.output_ids) >= s.config.max_tokens or s.next_pos >= self.lm.max_context:
             s.finish_reason = "length"
 
-    def _find_stop(self, s: Sequence) -> bool:
+    def _find_stop(self, s: RunningRequest) -> bool:
         # A stop string ending at the new token lies within its last len(stop) characters, so
         # decode only a tail of tokens (>= 1 character each, +8 for byte-level pieces).
         tail_tokens = max(len(x) for x in s.config.stop) + 8
@@ -294,12 +294,12 @@ class Engine:
     def decode(self, ids: list[int]) -> str:
         return self.lm.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def text(self, s: Sequence) -> str:
+    def text(self, s: RunningRequest) -> str:
         """The generated text so far, cut before a stop string."""
         return self.decode(s.output_ids)[: s.stop_at]
 
     # ---- batch bookkeeping ----------------------------------------------------------------
-    def retire(self, batch: Batch) -> tuple[Batch | None, list[Sequence]]:
+    def retire(self, batch: Batch) -> tuple[Batch | None, list[RunningRequest]]:
         """Remove finished rows; returns (the running rest or None, the finished ones)."""
         done = [s for s in batch.seqs if s.finish_reason is not None]
         if not done:
@@ -323,10 +323,10 @@ class Engine:
         mask = torch.cat([pad(m, (width - m.shape[1], 0)) for m in (a.mask, b.mask)])
         return Batch(seqs, cache, mask, torch.cat([a.last_tokens, b.last_tokens]))
 
-    def result(self, s: Sequence) -> GenResult:
+    def result(self, s: RunningRequest) -> GenResult:
         return GenResult(
             request_id=s.request.request_id,
-            prefix=s.prefix,
+            prompt_used=s.prompt_used,
             method=s.method,
             scores=s.scores,
             input_ids=list(s.request.input_ids),
@@ -353,7 +353,7 @@ class Engine:
         return [self.result(s) for s in seqs]
 
 
-def _remaining(seqs: list[Sequence]) -> int:
+def _remaining(seqs: list[RunningRequest]) -> int:
     return max(s.config.max_tokens - len(s.output_ids) for s in seqs) + 1
 
 

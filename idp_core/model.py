@@ -196,22 +196,37 @@ def wrap_model(model: PreTrainedModel, tokenizer: Any, *, name: str = "model") -
     return LoadedModel(model, tokenizer, name, "<in-memory>", "code", False, fingerprint(model))
 
 
-def attach_lora(lm: LoadedModel, adapter: str | Path) -> int:
+def attach_lora(lm: LoadedModel, adapter: str | Path | Any, *, adapter_fp32: bool = False) -> int:
     """Wrap `lm.model` in a peft LoRA adapter, unmerged, its weights in the model's dtype.
 
     peft's default (`autocast_adapter_dtype=True`) keeps adapter weights in float32 on a
-    bfloat16 model; every LoRA matmul then casts its input up and its output down, which on the
-    development CPU made a rank-4 forward of 16 x 1024 tokens cost 1.9x the base model instead
-    of 1.2x (docs/benchmarks.md). Served models run LoRA in their own dtype, as vLLM does.
+    bfloat16 model; every LoRA matmul then casts its input up and its output down, which made
+    a rank-4 forward cost far more than the base model on CPU (docs/benchmarks.md). Served
+    models run LoRA in their own dtype, as vLLM does.
+
+    Args:
+        lm: the loaded model; `lm.model` becomes the peft model.
+        adapter: a saved adapter folder (loaded frozen), or a peft `LoraConfig` for a new
+            adapter (trainable, initialised as the config says).
+        adapter_fp32: keep peft's float32 adapter weights (training; the benchmark's fp32 rows).
 
     Returns:
         The number of adapter parameters.
     """
-    from peft import PeftModel
+    from peft import LoraConfig, PeftModel, get_peft_model
 
-    lm.model = PeftModel.from_pretrained(lm.model, str(adapter),
-                                         autocast_adapter_dtype=False).eval()
-    return sum(p.numel() for n, p in lm.model.named_parameters() if "lora_" in n)
+    if isinstance(adapter, LoraConfig):
+        peft_model = get_peft_model(lm.model, adapter, autocast_adapter_dtype=adapter_fp32)
+    else:
+        peft_model = PeftModel.from_pretrained(lm.model, str(adapter),
+                                               autocast_adapter_dtype=adapter_fp32)
+    lm.model = peft_model.eval()
+    return lora_parameters(lm.model)
+
+
+def lora_parameters(model: torch.nn.Module) -> int:
+    """How many adapter weights a peft LoRA model holds."""
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
 
 def fingerprint(model: PreTrainedModel) -> Fingerprint:

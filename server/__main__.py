@@ -32,7 +32,7 @@ class _DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:
         serving = self.config.app.state.serving
         if serving is not None:
-            serving.aengine.draining = True
+            serving.scheduler.draining = True
         super().handle_exit(sig, frame)
 
 

@@ -7,42 +7,38 @@ import hmac
 import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from idp_core import paths
 from idp_core.bank import PromptBank
+from idp_core.build import build_engine
 from idp_core.config import GenConfig, SelectConfig
-from idp_core.generate import Engine, GenRequest
-from idp_core.kv import precompute_prompt_kv
-from idp_core.model import LoadedModel, attach_lora, load_model
-from server.engine import AsyncEngine
+from idp_core.generate import GenRequest
+from idp_core.model import load_model
 from server.errors import error_body, install_handlers
 from server.metrics import Metrics
 from server.routes import router
+from server.scheduler import Scheduler
 from server.settings import Settings
+from server.state import ServingState
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class ServingState:
-    """Everything the handlers need once warm-up is done."""
-
-    lm: LoadedModel
-    engine: Engine
-    aengine: AsyncEngine
-    bank: PromptBank | None
-    model_name: str
-    mode: str  # idp | lora | none
-    started: int
+_BUILD_DEFAULT = (
+    "import logging; from idp_core.lab.artefacts import ensure_default_model; "
+    "logging.basicConfig(level=logging.INFO, "
+    "format='%(asctime)s %(levelname)s %(name)s: %(message)s'); ensure_default_model()"
+)
 
 
 def resolve_sources(settings: Settings) -> tuple[str | None, str | None]:
@@ -59,46 +55,45 @@ def resolve_sources(settings: Settings) -> tuple[str | None, str | None]:
         return model, None
     if settings.bank:
         return model, settings.bank
-    from idp_core.artefacts import DEFAULT_BANK
-
-    return model, str(DEFAULT_BANK) if model is None else None
+    return model, str(paths.DEFAULT_BANK) if model is None else None
 
 
-def load_state(settings: Settings, metrics_registry: Any = None) -> ServingState:
+def default_model() -> Path:
+    """The default compressed model, built on first use by the lab in a child process.
+
+    The compressor stays out of the server's imports; the build logs to this process's output.
+    """
+    if not paths.default_model_built():
+        log.info("the default model is not built yet: building it with idp_core.lab.artefacts")
+        path = os.pathsep.join(filter(None, [str(paths.REPO), os.environ.get("PYTHONPATH")]))
+        subprocess.run([sys.executable, "-c", _BUILD_DEFAULT], check=True,
+                       env={**os.environ, "PYTHONPATH": path})  # this same idp_core
+    return paths.DEFAULT_MODEL_DIR
+
+
+def load_state(settings: Settings,
+               metrics_registry: CollectorRegistry | None = None) -> ServingState:
     """Load the model once, pin the prompt KV, warm up, and start the engine thread."""
     model_source, bank_dir = resolve_sources(settings)
     bank = PromptBank.load(bank_dir) if bank_dir else None  # fast: fail before the model
     if model_source is None:
-        from idp_core.artefacts import ensure_default_model
-
-        model_source = str(ensure_default_model())
+        model_source = str(default_model())
     lm = load_model(model_source, dtype=settings.dtype, device=settings.device)
-    store = None
-    if settings.lora:
-        attach_lora(lm, settings.lora)  # unmerged
-        mode = "lora"
-    elif bank is not None:
-        bank.check_model(lm.fingerprint, strict=settings.strict_fingerprint, origin=bank_dir or "")
-        t0 = time.perf_counter()
-        store = precompute_prompt_kv(lm.model, bank)
-        log.info("pinned KV of %d prompts (%s tokens, %.1f MB) in %.2f s", len(bank.names),
-                 bank.lengths, store.num_bytes() / 1e6, time.perf_counter() - t0)
-        mode = "idp"
-    else:
-        mode = "none"
-    engine = Engine(lm, store, select_config=SelectConfig(score=settings.selection_score,
-                                                       align=settings.selection_align),
-                    method_without_bank="lora" if settings.lora else "none")
+    mode = "lora" if settings.lora else "idp" if bank is not None else "none"
+    engine = build_engine(lm, bank=bank, lora=settings.lora or None,
+                          select_config=SelectConfig(score=settings.selection_score,
+                                                     align=settings.selection_align),
+                          strict_fingerprint=settings.strict_fingerprint, origin=bank_dir or "")
     engine.generate([GenRequest([lm.tokenizer.eos_token_id or 0], GenConfig(max_tokens=2))])
     name = settings.served_model_name or lm.name
     metrics = Metrics(name, mode, metrics_registry)
-    aengine = AsyncEngine(engine, metrics, max_batch_size=settings.max_batch_size,
+    scheduler = Scheduler(engine, metrics, max_batch_size=settings.max_batch_size,
                           max_batch_tokens=settings.max_batch_tokens,
                           max_queue=settings.max_queue,
                           static=settings.scheduling == "static",
                           fault_token_id=settings.fault_token_id)
-    aengine.start()
-    return ServingState(lm, engine, aengine, bank, name, mode, int(time.time()))
+    scheduler.start()
+    return ServingState(lm, engine, scheduler, bank, name, mode, int(time.time()))
 
 
 def build_app(settings: Settings) -> FastAPI:
@@ -113,7 +108,7 @@ def build_app(settings: Settings) -> FastAPI:
                 log.error("cannot start: %s: %s", type(e).__name__, e)
                 logging.shutdown()
                 os._exit(1)
-            app.state.metrics = state.aengine.metrics
+            app.state.metrics = state.scheduler.metrics
             app.state.serving = state
             log.info("ready: %s (%s) on %s", state.model_name, state.mode, state.lm.device)
 
@@ -122,7 +117,7 @@ def build_app(settings: Settings) -> FastAPI:
         threading.Thread(target=warm_up, name="idp-warmup", daemon=True).start()
         yield
         if app.state.serving is not None:
-            app.state.serving.aengine.stop()
+            app.state.serving.scheduler.stop()
 
     app = FastAPI(title="IDP inference server", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings

@@ -25,11 +25,17 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 
 
 class Metrics:
-    """All series carry `model` and `method` (idp | prompt | none | concat | lora)."""
+    """All series carry `model` and `method` (idp | prompt | none | concat | lora).
 
-    def __init__(self, model: str, mode: str, registry: CollectorRegistry | None = None) -> None:
+    A finished request is labelled with its own method (`GenResult.method`). Series that belong
+    to no single request (queue gauges, batch sizes, errors before admission) carry
+    `default_method`: the server's mode (idp | lora | none), which is also a request method.
+    """
+
+    def __init__(self, model: str, default_method: str,
+                 registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        self.model, self.mode = model, mode
+        self.model, self.default_method = model, default_method
         r, base = self.registry, ["model", "method"]
         self.ttft = Histogram("idp_time_to_first_token_seconds", "Time to first token",
                               base, buckets=LATENCY_BUCKETS, registry=r)
@@ -55,18 +61,18 @@ class Metrics:
                                [*base, "finished_reason"], registry=r)
         self.errors = Counter("idp_request_errors", "Failed requests", [*base, "type"],
                               registry=r)
-        self.running.labels(model, mode).set(0)
-        self.waiting.labels(model, mode).set(0)
+        self.running.labels(model, default_method).set(0)
+        self.waiting.labels(model, default_method).set(0)
 
     def record_step(self, batch_size: int, running: int, waiting: int) -> None:
-        labels = (self.model, self.mode)
+        labels = (self.model, self.default_method)
         self.batch_size.labels(*labels).observe(batch_size)
         self.running.labels(*labels).set(running)
         self.waiting.labels(*labels).set(waiting)
 
     def record_queue(self, running: int, waiting: int) -> None:
-        self.running.labels(self.model, self.mode).set(running)
-        self.waiting.labels(self.model, self.mode).set(waiting)
+        self.running.labels(self.model, self.default_method).set(running)
+        self.waiting.labels(self.model, self.default_method).set(waiting)
 
     def record_finished(self, result: GenResult, *, arrival: float, admitted: float,
                         finished: float) -> None:
@@ -81,8 +87,8 @@ class Metrics:
             self.selection.labels(*labels).observe(result.selection_s)
         self.prompt_tokens.labels(*labels).inc(len(result.input_ids))
         self.generation_tokens.labels(*labels).inc(len(result.output_ids))
-        self.selected.labels(*labels, result.prefix).inc()
+        self.selected.labels(*labels, result.prompt_used).inc()
         self.success.labels(*labels, result.finish_reason).inc()
 
     def record_error(self, kind: str, method: str | None = None) -> None:
-        self.errors.labels(self.model, method or self.mode, kind).inc()
+        self.errors.labels(self.model, method or self.default_method, kind).inc()

@@ -55,7 +55,8 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | TokenIds | list[TokenIds]
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: dict[str, Any] | None = Field(
+        None, description="accepted so OpenAI clients may send it; ignored (no usage chunk)")
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a list of prompts (text or token ids)."""
@@ -82,7 +83,8 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=0, le=1_000_000)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    stream_options: dict[str, Any] | None = None
+    stream_options: dict[str, Any] | None = Field(
+        None, description="accepted so OpenAI clients may send it; ignored (no usage chunk)")
 
     def to_gen_config(self, default_max_tokens: int) -> GenConfig:
         max_tokens = next((x for x in (self.max_completion_tokens, self.max_tokens)
@@ -132,4 +134,27 @@ class CompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+    prompt_used: str | None = Field(None, description="prompt of the bank used (IDP extension)")
+    selection_scores: dict[str, float] | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
     usage: Usage | None = None

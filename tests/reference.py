@@ -138,11 +138,11 @@ def assert_matches_alone(ref: LoadedModel, bank: PromptBank, input_ids: list[int
     """An engine result (greedy, logprobs=1, echo=True) equals the uncached run on `ref` of
     [its prefix; input_ids]: same tokens, log-probabilities of outputs and echo within atol."""
     prefix = None
-    if res.prefix == "concat":
+    if res.prompt_used == "concat":
         prefix = (deep_concat(ref, bank.prompts) if bank.kind == "deep"
                   else torch.cat(bank.prompts))
-    elif res.prefix in bank.names:
-        prefix = bank.prompts[bank.index(res.prefix)]
+    elif res.prompt_used in bank.names:
+        prefix = bank.prompts[bank.index(res.prompt_used)]
     tokens, logps = generate_alone(ref, prefix, input_ids, max_tokens)
     assert res.output_ids == tokens
     got = torch.tensor([lp.logprob for lp in res.output_logprobs])

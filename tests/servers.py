@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tiny import random_bank, tiny_llama
 
-from idp_core.bench import free_port, wait_healthy
+from idp_core.lab.servers import ServerProcess, free_port  # noqa: F401  (tests import both)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -37,44 +34,35 @@ def write_tiny_artefacts(folder: Path, *, max_context: int = 512) -> dict[str, P
     return {"model": model_dir, "bank": bank_dir, "lora": lora_dir}
 
 
-class RemoteServer:
-    """`python -m server` in a subprocess; waits for /health, stops with SIGTERM."""
+class RemoteServer(ServerProcess):
+    """A test server: float32 weights, then the test's own flags."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None,
                  wait_ready: bool = True, timeout_s: float = 120.0) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "server", "--port", str(self.port), "--dtype", "float32",
-               *args]
-        # A file, not a pipe: an unread pipe fills up and blocks the server's logging.
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="idp-server-", suffix=".log")
-        self.proc = subprocess.Popen(
-            cmd, env={**os.environ, **(env or {})}, stdout=self.log,
-            stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parents[1],
-        )
-        if wait_ready:
-            self.wait_ready(timeout_s)
+        super().__init__("--dtype", "float32", *args, env=env, wait_ready=wait_ready,
+                         timeout_s=timeout_s)
 
-    def wait_ready(self, timeout_s: float) -> None:
+
+def metric(url: str, name: str) -> float:
+    """The sum of every /metrics sample whose line starts with `name` (labels included)."""
+    import httpx
+
+    text = httpx.get(url + "/metrics").text
+    return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(name))
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout_s: float = 60.0,
+               poll_s: float = 0.05) -> None:
+    """Poll `check` until it is true (a refused connection counts as false); TimeoutError
+    naming `what` after `timeout_s`. Tests order events with this, never with a fixed sleep."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         try:
-            wait_healthy(self.proc, self.url, timeout_s)
-        except RuntimeError as e:
-            raise RuntimeError(f"{e}:\n{self.output()}") from None
-        except TimeoutError:
-            self.stop()
-            raise
-
-    def stop(self, timeout_s: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return int(self.proc.returncode)
-
-    def output(self) -> str:
-        """Everything the server logged (stops it first)."""
-        self.stop()
-        return Path(self.log.name).read_text()
+            if check():
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(poll_s)
+    raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")

@@ -166,15 +166,16 @@ def _student(method: Method, lm: LoadedModel, chunks: Tensor,
              seed: int) -> tuple[torch.nn.Module, Tensor | None, list[Tensor]]:
     """(model to run, prompt or None, trainable tensors) for `method` on `lm`."""
     if method.family == "lora":
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
-        from idp_core.train import LORA_TARGETS
+        from idp_core.lab.train import LORA_TARGETS
+        from idp_core.model import attach_lora
 
-        torch.manual_seed(seed)
-        model = get_peft_model(lm.model, LoraConfig(
-            r=method.size, lora_alpha=2 * method.size, lora_dropout=0.0,
-            target_modules=list(LORA_TARGETS), bias="none", task_type="CAUSAL_LM"))
-        return model, None, [p for p in model.parameters() if p.requires_grad]
+        torch.manual_seed(seed)  # LoRA's A matrices are random
+        attach_lora(lm, LoraConfig(r=method.size, lora_alpha=2 * method.size, lora_dropout=0.0,
+                                   target_modules=list(LORA_TARGETS), bias="none",
+                                   task_type="CAUSAL_LM"), adapter_fp32=True)
+        return lm.model, None, [p for p in lm.model.parameters() if p.requires_grad]
     # from real text (the first tokens of a training chunk) or from random vocabulary rows
     g = torch.Generator().manual_seed(seed)
     if method.init == "vocab":
@@ -404,9 +405,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from idp_core.artefacts import ensure_default_model
-    from idp_core.bench import machine
-    from idp_core.data import DATA_DIR, WIKITEXT2_TEST
+    from idp_core.lab.artefacts import ensure_default_model
+    from idp_core.lab.data import DATA_DIR, WIKITEXT2_TEST
+    from idp_core.lab.provenance import machine
 
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ from deploy_files import (
     substitute,
     variable_queries,
 )
-from servers import RemoteServer, free_port, write_tiny_artefacts
+from servers import RemoteServer, free_port, wait_until, write_tiny_artefacts
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(
@@ -55,15 +55,7 @@ REQUESTS_PER_ROUND = 6
 
 
 def _wait(what: str, check: Callable[[], bool], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+    wait_until(what, check, timeout_s, poll_s=0.25)
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +284,7 @@ def test_compose_loadgen_command_runs_against_both_servers(
     data = tmp_path / "text.jsonl"
     data.write_text("".join(json.dumps({"text": f"line {i} " * 40}) + "\n" for i in range(20)))
     mapping = {
-        "exec idp ": f"exec {sys.executable} -m idp_core.cli ",
+        "exec idp ": f"exec {sys.executable} -m idp_core.lab.cli ",
         "http://idp:8000": servers["idp"].url,
         "http://lora:8000": servers["lora"].url,
         "/shared/data/eval/wikitext2_raw_test.rows.jsonl": str(data),

@@ -8,6 +8,7 @@ import httpx
 import openai
 import pytest
 import torch
+from servers import metric, wait_until
 
 from idp_core.bank import PromptBank
 from idp_core.config import GenConfig
@@ -126,16 +127,18 @@ def test_concurrent_requests_share_decode_steps(server):
     """A request that arrives mid-generation finishes before the long running ones."""
     finished = {}
 
-    def run(name, max_tokens, delay):
-        time.sleep(delay)
+    def run(name, max_tokens):
         httpx.post(server.url + "/v1/completions", timeout=600, json={
             "prompt": "abc", "max_tokens": max_tokens, "ignore_eos": True})
         finished[name] = time.monotonic()
 
-    threads = [threading.Thread(target=run, args=(f"long{i}", 300, 0)) for i in range(3)]
-    threads.append(threading.Thread(target=run, args=("short", 3, 0.3)))
+    threads = [threading.Thread(target=run, args=(f"long{i}", 300)) for i in range(3)]
     for t in threads:
         t.start()
+    wait_until("the long requests to run", lambda: metric(
+        server.url, "idp_num_requests_running{") >= 3, timeout_s=60)
+    threads.append(threading.Thread(target=run, args=("short", 3)))
+    threads[-1].start()
     for t in threads:
         t.join()
     assert finished["short"] < min(finished[f"long{i}"] for i in range(3))

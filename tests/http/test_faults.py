@@ -2,18 +2,12 @@
 
 import json
 import threading
-import time
 
 import httpx
 import pytest
-from servers import RemoteServer
+from servers import RemoteServer, metric, wait_until
 
 ERROR_KEYS = {"message", "type", "param", "code"}
-
-
-def metric(url: str, name: str) -> float:
-    text = httpx.get(url + "/metrics").text
-    return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(name))
 
 
 @pytest.mark.parametrize("body,status", [
@@ -53,20 +47,26 @@ def test_ten_megabyte_body_is_413(server):
     assert r.status_code == 413
 
 
-def test_exception_in_a_step_fails_only_that_step(artefacts):
+@pytest.fixture(scope="module")
+def fault_server(artefacts):
+    """One server for the fault tests that need their own flags: a step holding token 255
+    raises, one row per batch (requests queue behind a long one), prompts logged."""
     srv = RemoteServer("--model", str(artefacts["model"]), "--bank", str(artefacts["bank"]),
-                       "--fault-token-id", "255")
-    try:
-        bad = httpx.post(srv.url + "/v1/completions", json={"prompt": [7, 255], "max_tokens": 5})
-        assert bad.status_code == 500
-        assert "request id" in bad.json()["error"]["message"]
-        assert bad.headers["x-request-id"] in bad.json()["error"]["message"]
-        ok = httpx.post(srv.url + "/v1/completions", json={"prompt": [7, 8], "max_tokens": 5})
-        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
-        assert httpx.get(srv.url + "/health").status_code == 200
-        assert 'type="engine_error"' in httpx.get(srv.url + "/metrics").text
-    finally:
-        srv.stop()
+                       "--fault-token-id", "255", "--max-batch-size", "1", "--log-prompts")
+    yield srv
+    srv.stop()
+
+
+def test_exception_in_a_step_fails_only_that_step(fault_server):
+    srv = fault_server
+    bad = httpx.post(srv.url + "/v1/completions", json={"prompt": [7, 255], "max_tokens": 5})
+    assert bad.status_code == 500
+    assert "request id" in bad.json()["error"]["message"]
+    assert bad.headers["x-request-id"] in bad.json()["error"]["message"]
+    ok = httpx.post(srv.url + "/v1/completions", json={"prompt": [7, 8], "max_tokens": 5})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
+    assert httpx.get(srv.url + "/health").status_code == 200
+    assert 'type="engine_error"' in httpx.get(srv.url + "/metrics").text
 
 
 def greedy(url: str, prompt: str) -> str:
@@ -99,34 +99,33 @@ def test_disconnects_leave_other_outputs_byte_identical(server):
     assert [got[i] for i in range(len(prompts))] == alone
 
 
-def test_request_cancelled_while_queued_never_runs(artefacts):
-    srv = RemoteServer("--model", str(artefacts["model"]), "--bank", str(artefacts["bank"]),
-                       "--max-batch-size", "1")
-    try:
-        results = []
+def test_request_cancelled_while_queued_never_runs(fault_server):
+    srv = fault_server
+    successes = metric(srv.url, "idp_request_success_total")
+    errors = metric(srv.url, 'idp_request_errors_total{method="idp",model=')
+    results = []
 
-        def long_request():
-            results.append(httpx.post(srv.url + "/v1/completions", timeout=600, json={
-                "prompt": "abc", "max_tokens": 480, "ignore_eos": True}))
+    def long_request():
+        results.append(httpx.post(srv.url + "/v1/completions", timeout=600, json={
+            "prompt": "abc", "max_tokens": 480, "ignore_eos": True}))
 
-        threads = [threading.Thread(target=long_request) for _ in range(3)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 30
-        while metric(srv.url, "idp_num_requests_waiting") < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)  # one long request running, two queued behind it
-        with pytest.raises(httpx.ReadTimeout):  # queued behind the long ones, then gone
-            httpx.post(srv.url + "/v1/completions", timeout=0.3,
-                       json={"prompt": "queued", "max_tokens": 5})
-        for t in threads:
-            t.join()
-        assert [r.status_code for r in results] == [200, 200, 200]
-        ok = httpx.post(srv.url + "/v1/completions", json={"prompt": "after", "max_tokens": 3})
-        assert ok.status_code == 200
-        assert metric(srv.url, "idp_request_success_total") == 4  # the queued one never ran
-        assert metric(srv.url, 'idp_request_errors_total{method="idp",model=') >= 1
-    finally:
-        srv.stop()
+    threads = [threading.Thread(target=long_request) for _ in range(3)]
+    for t in threads:
+        t.start()
+    wait_until("one long request running, two queued behind it",
+               lambda: metric(srv.url, "idp_num_requests_waiting") >= 2, timeout_s=30,
+               poll_s=0.01)
+    with pytest.raises(httpx.ReadTimeout):  # queued behind the long ones, then gone
+        httpx.post(srv.url + "/v1/completions", timeout=0.3,
+                   json={"prompt": "queued", "max_tokens": 5})
+    for t in threads:
+        t.join()
+    assert [r.status_code for r in results] == [200, 200, 200]
+    ok = httpx.post(srv.url + "/v1/completions", json={"prompt": "after", "max_tokens": 3})
+    assert ok.status_code == 200
+    # the queued one never ran: 3 long + 1 after succeeded, its disconnect was counted
+    assert metric(srv.url, "idp_request_success_total") - successes == 4
+    assert metric(srv.url, 'idp_request_errors_total{method="idp",model=') - errors >= 1
 
 
 def test_bank_for_another_model_refuses_to_start(tmp_path, artefacts):
@@ -148,12 +147,15 @@ def test_bank_for_another_model_refuses_to_start(tmp_path, artefacts):
     assert "trained on other model weights" in srv.output()
 
 
-def test_logs_never_hold_prompt_text_unless_enabled(artefacts):
+def test_logs_never_hold_prompt_text_unless_enabled(server, fault_server):
     secret = "SECRET-PROMPT-7f3a"
-    for flag, expected in (("--no-log-prompts", False), ("--log-prompts", True)):
-        srv = RemoteServer("--model", str(artefacts["model"]), "--bank", "none", flag)
-        httpx.post(srv.url + "/v1/completions", json={"prompt": secret, "max_tokens": 2})
-        assert (secret in srv.output()) is expected
+    for srv, expected in ((server, False), (fault_server, True)):  # --log-prompts: logged
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": secret, "max_tokens": 2})
+        assert r.status_code == 200
+        rid = r.headers["x-request-id"]
+        wait_until("the request's log line", lambda srv=srv, rid=rid: rid in srv.log_text(),
+                   timeout_s=10)
+        assert (secret in srv.log_text()) is expected
 
 
 def test_openapi_lists_the_api(server):

@@ -5,7 +5,7 @@ import asyncio
 
 from servers import RemoteServer
 
-from server.soak import add_arguments, soak
+from idp_core.lab.soak import add_arguments, soak
 
 
 def test_short_soak_past_capacity(artefacts):

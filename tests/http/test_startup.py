@@ -1,10 +1,9 @@
 """Start-up failures, API keys and SIGTERM draining, each on its own server process."""
 
 import threading
-import time
 
 import httpx
-from servers import RemoteServer
+from servers import RemoteServer, metric, wait_until
 
 
 def test_missing_model_refuses_to_start(tmp_path):
@@ -51,7 +50,7 @@ def test_sigterm_drains_in_flight_requests(artefacts):
 
     t = threading.Thread(target=long_request)
     t.start()
-    time.sleep(0.5)
+    wait_until("the request to run", lambda: metric(srv.url, "idp_num_requests_running{") >= 1)
     code = srv.stop()
     t.join()
     assert code == 0

@@ -6,7 +6,7 @@ import json
 import pytest
 from servers import write_tiny_artefacts
 
-from idp_core.cli import main
+from idp_core.lab.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_bench_writes_json_table_and_plot(artefacts, tmp_path, which, extra):
 def test_random_weights_keep_the_architecture_not_the_weights(artefacts, tmp_path):
     """--random-weights: the checkpoint's shapes and tokenizer, fresh weights (a GPU timing run
     where the checkpoint cannot travel); the bench runs on it as on the real one."""
-    from idp_core.bench import random_model
+    from idp_core.lab.bench import random_model
     from idp_core.model import load_model
 
     real = load_model(artefacts["model"], dtype="float32")

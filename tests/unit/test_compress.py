@@ -8,9 +8,9 @@ import pytest
 import torch
 from tiny import tiny_llama
 
-from idp_core.compress import REPORT_FILE, CompressConfig, compress, is_done
-from idp_core.evaluate import perplexity, windows
 from idp_core.generate import Engine
+from idp_core.lab.compress import REPORT_FILE, CompressConfig, compress, is_done
+from idp_core.lab.evaluate import perplexity, windows
 from idp_core.model import load_model
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

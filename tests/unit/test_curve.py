@@ -70,7 +70,7 @@ def test_curve_end_to_end_resumes_and_exports(tmp_path):
     from tiny import tiny_llama
 
     from idp_core.bank import PromptBank
-    from idp_core.cli import main
+    from idp_core.lab.cli import main
 
     for name, seed in (("student", 0), ("teacher", 1)):
         lm = tiny_llama(seed=seed)

@@ -27,7 +27,7 @@ def test_mixed_deep_prompts_batch_equals_each_row_alone(tiny, deep):
     reqs = [GenRequest(ids, GenConfig(max_tokens=5 + i, logprobs=1, echo=True), sel)
             for i, (ids, sel) in enumerate(zip(INPUTS, SELECTIONS, strict=True))]
     for req, res in zip(reqs, engine.generate(reqs), strict=True):
-        assert res.prefix == req.selection
+        assert res.prompt_used == req.selection
         assert_matches_alone(tiny, bank, req.input_ids, res, req.config.max_tokens)
 
 
@@ -36,7 +36,7 @@ def test_auto_selection_on_a_deep_bank(tiny, deep):
     engine = Engine(tiny, store)
     reqs = [GenRequest(ids, GenConfig(max_tokens=4, logprobs=1, echo=True)) for ids in INPUTS]
     for req, res in zip(reqs, engine.generate(reqs), strict=True):
-        assert res.method == "idp" and res.prefix in bank.names
+        assert res.method == "idp" and res.prompt_used in bank.names
         assert_matches_alone(tiny, bank, req.input_ids, res, 4)
 
 

@@ -31,7 +31,7 @@ def test_mixed_prompts_batch_equals_each_row_alone(tiny, tiny_bank, tiny_store):
         ref_tokens, ref_logps = generate_alone(
             tiny, prefix_of(tiny_bank, req.selection), req.input_ids, req.config.max_tokens
         )
-        assert res.prefix == req.selection
+        assert res.prompt_used == req.selection
         assert res.output_ids == ref_tokens
         got = torch.tensor([lp.logprob for lp in res.output_logprobs])
         want = torch.stack([lp[t] for lp, t in zip(ref_logps, ref_tokens, strict=True)])
@@ -45,9 +45,9 @@ def test_auto_selection_uses_the_selected_prompt(tiny, tiny_bank, tiny_store):
     engine = Engine(tiny, tiny_store)
     reqs = [GenRequest(ids, GenConfig(max_tokens=5)) for ids in INPUTS]
     for req, res in zip(reqs, engine.generate(reqs), strict=True):
-        assert res.method == "idp" and res.prefix in tiny_bank.names
-        assert res.prefix == max(res.scores, key=res.scores.get)
-        ref, _ = generate_alone(tiny, prefix_of(tiny_bank, res.prefix), req.input_ids, 5)
+        assert res.method == "idp" and res.prompt_used in tiny_bank.names
+        assert res.prompt_used == max(res.scores, key=res.scores.get)
+        ref, _ = generate_alone(tiny, prefix_of(tiny_bank, res.prompt_used), req.input_ids, 5)
         assert res.output_ids == ref
 
 
@@ -131,7 +131,7 @@ def test_validation_errors(tiny, tiny_store):
 def test_engine_without_bank_runs_plain(tiny):
     engine = Engine(tiny, None, method_without_bank="lora")
     res = engine.generate([GenRequest([5, 9], GenConfig(max_tokens=4))])[0]
-    assert res.method == "lora" and res.prefix == "none"
+    assert res.method == "lora" and res.prompt_used == "none"
     assert res.output_ids == generate_alone(tiny, None, [5, 9], 4)[0]
 
 

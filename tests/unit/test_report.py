@@ -3,7 +3,7 @@ per-item results whose averages are known."""
 
 import pytest
 
-from idp_core.recovery import IDP, markdown, plots, recovered, summarise
+from idp_core.lab.recovery import IDP, markdown, plots, recovered, summarise
 
 
 def _raw(acc_arc, acc_piqa, params, ppl=None):
@@ -79,8 +79,8 @@ def test_report_end_to_end_resumes_only_with_same_settings(tmp_path, capsys):
     500-item report)."""
     from servers import write_tiny_artefacts
 
-    from idp_core.cli import main
-    from idp_core.tasks import TASKS_DIR
+    from idp_core.lab.cli import main
+    from idp_core.lab.tasks import TASKS_DIR
 
     art = write_tiny_artefacts(tmp_path / "art")
     out = tmp_path / "report"

@@ -10,7 +10,7 @@ import torch
 from reference import generate_alone, prompt_logprobs_alone
 
 from idp_core.generate import Engine, GenResult, TokenLogprob
-from idp_core.tasks import (
+from idp_core.lab.tasks import (
     STOP,
     Item,
     Task,
@@ -218,7 +218,7 @@ def test_batched_scorer_equals_per_item_reference(tiny, tiny_bank, tiny_store, t
 
 def test_batched_loglik_matches_reference_per_option(tiny, tiny_bank, tiny_store, tmp_path):
     """The summed continuation log-probs themselves (not only the argmax) agree."""
-    from idp_core.tasks import _SCORE, GenRequest
+    from idp_core.lab.tasks import _SCORE, GenRequest
 
     engine = Engine(tiny, tiny_store)
     task = _task(tmp_path, "arc_easy", ITEMS_MC)
@@ -234,8 +234,8 @@ def test_batched_loglik_matches_reference_per_option(tiny, tiny_bank, tiny_store
 
 
 def test_idp_per_item_uses_one_prompt_chosen_on_the_shared_context(tiny, tiny_store, tmp_path):
+    from idp_core.lab.tasks import select_per_item, task_requests
     from idp_core.select import select_prompts
-    from idp_core.tasks import select_per_item, task_requests
 
     engine = Engine(tiny, tiny_store)
     for name, records in [("arc_easy", ITEMS_MC), ("winogrande", ITEMS_WINO)]:

@@ -8,10 +8,10 @@ import torch
 from tiny import tiny_llama
 
 from idp_core.bank import PromptBank
-from idp_core.cli import main
 from idp_core.config import TrainConfig
-from idp_core.data import DEFAULT_CALIB, load_chunks
-from idp_core.train import (
+from idp_core.lab.cli import main
+from idp_core.lab.data import DEFAULT_CALIB, load_chunks
+from idp_core.lab.train import (
     cluster_chunks,
     init_prompt,
     lm_loss,

@@ -23,8 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from idp_core.config import GenConfig
-from idp_core.data import DATA_DIR
 from idp_core.generate import Engine, GenRequest, GenResult
+from idp_core.lab.data import DATA_DIR
 from idp_core.select import select_prompts
 
 TASKS_DIR = DATA_DIR / "tasks"
@@ -358,7 +358,7 @@ def evaluate_task(
                            progress=progress)
     used: dict[str, int] = {}
     for res in results:
-        used[res.prefix] = used.get(res.prefix, 0) + 1
+        used[res.prompt_used] = used.get(res.prompt_used, 0) + 1
     per_item = score_results(task, owners, results)
     return TaskResult(task.name, task.kind, len(task.items), per_item, used)
 

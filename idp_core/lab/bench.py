@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
-import platform
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +23,15 @@ import torch
 from torch import Tensor
 
 from idp_core.bank import PromptBank
-from idp_core.bench_render import TABLES, plot
+from idp_core.build import build_engine
 from idp_core.config import AUTO, CONCAT, NONE, GenConfig
-from idp_core.data import load_wikitext2
 from idp_core.generate import Engine, GenRequest
-from idp_core.kv import precompute_prompt_kv
+from idp_core.lab.bench_render import TABLES, plot
+from idp_core.lab.data import load_wikitext2
+from idp_core.lab.provenance import machine
+from idp_core.lab.servers import ServerProcess
+from idp_core.lab.train import LORA_TARGETS
 from idp_core.model import LoadedModel, load_model, resolve_device, resolve_dtype, wrap_model
-from idp_core.train import LORA_TARGETS
 
 log = logging.getLogger(__name__)
 
@@ -82,21 +79,17 @@ def lora_variant(lm: LoadedModel, rank: int, *, adapter_fp32: bool = False) -> E
     Adapter weights are in the model's dtype, as `attach_lora` serves them; `adapter_fp32`
     keeps peft's default instead (float32 adapters on a bfloat16 model).
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
-    base = copy.deepcopy(lm.model)
-    peft_model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank,
-                                                 target_modules=list(LORA_TARGETS),
-                                                 init_lora_weights=False),
-                                autocast_adapter_dtype=adapter_fp32).eval()
-    wrapped = LoadedModel(peft_model, lm.tokenizer, lm.name, lm.source, lm.kind,
-                          lm.dequantized, lm.fingerprint)
-    return Engine(wrapped, None, method_without_bank="lora")
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(LORA_TARGETS),
+                        init_lora_weights=False)
+    copy_of_lm = dataclasses.replace(lm, model=copy.deepcopy(lm.model))
+    return build_engine(copy_of_lm, lora=config, adapter_fp32=adapter_fp32)
 
 
 def build_variants(lm: LoadedModel, bank: PromptBank, lora_ranks: list[int],
                    lora_fp32_ranks: list[int]) -> list[Variant]:
-    engine = Engine(lm, precompute_prompt_kv(lm.model, bank))
+    engine = build_engine(lm, bank=bank, check_fingerprint=False)  # run() checked it
     longest = bank.names[max(range(len(bank.names)), key=lambda i: bank.lengths[i])]
     variants = [Variant("none", engine, NONE), Variant(f"prompt:{longest}", engine, longest),
                 Variant("idp", engine, AUTO), Variant("concat", engine, CONCAT)]
@@ -167,7 +160,7 @@ def run_selection(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -
     records = []
     for m in args.bank_sizes:
         lengths = [bank.lengths[i % len(bank.lengths)] for i in range(m)]
-        engine = Engine(lm, precompute_prompt_kv(lm.model, synthetic_bank(lm, lengths)))
+        engine = build_engine(lm, bank=synthetic_bank(lm, lengths), check_fingerprint=False)
         for batch in args.batch_sizes:
             rows = input_rows(lm, batch, args.seq_len)
             reqs = [GenRequest(r, GenConfig(max_tokens=1)) for r in rows]
@@ -187,8 +180,8 @@ def run_selection(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -
 
 def run_prefix(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> dict[str, Any]:
     """Prefill on cached prompt KV vs recomputing [P; X] from embeddings for every request."""
-    store = precompute_prompt_kv(lm.model, bank)
-    engine = Engine(lm, store)
+    engine = build_engine(lm, bank=bank, check_fingerprint=False)  # run() checked it
+    store = engine.store
     rows = input_rows(lm, args.batch, args.seq_len)
     records = []
     for name, prompt in zip(bank.names, bank.prompts, strict=True):
@@ -267,60 +260,6 @@ def run_profile(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> 
     return {"records": records}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
-    """Poll `url`/health until it answers 200; RuntimeError if `proc` exits first,
-    TimeoutError after `timeout_s`."""
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"server not healthy within {timeout_s} s")
-
-
-class ServerProcess:
-    """`python -m server` on a free loopback port, for as long as the `with` block runs."""
-
-    def __init__(self, args: argparse.Namespace, *, timeout_s: float = 900.0) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "server", "--port", str(self.port), "--dtype",
-                    args.dtype, "--device", args.device, "--max-batch-size", str(args.batch),
-                    *(["--model", args.model] if args.model else []),
-                    *(["--bank", args.bank] if args.bank else [])]
-        self.timeout_s = timeout_s
-
-    def __enter__(self) -> ServerProcess:
-        self.log = tempfile.NamedTemporaryFile("w", prefix="idp-bench-server-", suffix=".log",
-                                               delete=False)
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     cwd=Path(__file__).resolve().parents[1])
-        try:
-            wait_healthy(self.proc, self.url, self.timeout_s)
-        except (RuntimeError, TimeoutError) as e:
-            self.__exit__()
-            raise type(e)(f"{e}; see {self.log.name}") from None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
-        self.log.close()
-
-
 def burst(url: str, rows: list[list[int]], new_tokens: int) -> list[int]:
     """All rows as concurrent non-streaming completions; returns the tokens each one got."""
     import asyncio
@@ -347,13 +286,17 @@ def run_served(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> d
     """The same B requests (B x seq_len token ids, N new tokens, IDP): in-process
     `Engine.generate` vs a burst of B concurrent HTTP requests to a server process running the
     same model and bank with max batch B. Throughput ratio served / in-process."""
-    engine = Engine(lm, precompute_prompt_kv(lm.model, bank))
+    engine = build_engine(lm, bank=bank, check_fingerprint=False)  # run() checked it
     rows = input_rows(lm, args.batch, args.seq_len)
     reqs = [GenRequest(r, GenConfig(max_tokens=args.new_tokens, ignore_eos=True), AUTO)
             for r in rows]
     tokens = args.batch * args.new_tokens
     inproc, served = [], []
-    with ServerProcess(args) as server:
+    with ServerProcess("--dtype", args.dtype, "--device", args.device,
+                       "--max-batch-size", str(args.batch),
+                       *(["--model", args.model] if args.model else []),
+                       *(["--bank", args.bank] if args.bank else []),
+                       timeout_s=900.0, keep_log=True) as server:
         for rep in range(args.warmup + args.repeats):
             t_in, out = timed(lambda: engine.generate(reqs), lm.device)
             t_srv, got = timed(lambda: burst(server.url, rows, args.new_tokens), lm.device)
@@ -392,7 +335,7 @@ def run_memory(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> d
     import ctypes
     import random
 
-    engine = Engine(lm, precompute_prompt_kv(lm.model, bank))
+    engine = build_engine(lm, bank=bank, check_fingerprint=False)  # run() checked it
     rng = random.Random(0)
     vocab = int(lm.model.config.vocab_size)
     records = [{"batches": 0, "rss_mb": _rss_mb(), "live_tensor_mb": _live_tensor_mb()}]
@@ -407,24 +350,6 @@ def run_memory(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> d
     records.append({"batches": "after malloc_trim", "rss_mb": _rss_mb(),
                     "live_tensor_mb": _live_tensor_mb()})
     return {"records": records}
-
-
-def machine() -> dict[str, Any]:
-    """Date, machine, torch and the git commit a benchmark ran at."""
-    def git(*argv: str) -> str:
-        return subprocess.run(["git", *argv], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        if git("status", "--porcelain", "--untracked-files=no"):
-            commit += "+uncommitted"
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": platform.machine(), "processor": platform.processor(),
-            "cpu_count": torch.get_num_threads(), "torch": torch.__version__,
-            "git_commit": commit}
 
 
 def random_model(folder: str | Path, *, dtype: str, device: str, seed: int = 0) -> LoadedModel:
@@ -481,7 +406,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from idp_core.artefacts import DEFAULT_BANK, ensure_default_model
+    from idp_core.lab.artefacts import ensure_default_model
+    from idp_core.paths import DEFAULT_BANK
 
     model = args.model or ensure_default_model()
     if args.random_weights:

@@ -1,4 +1,5 @@
-"""`idp compress`: GPTQ quantization or SparseGPT pruning with llm-compressor, on CPU or GPU.
+"""`idp compress`: GPTQ quantization or SparseGPT pruning with llm-compressor (the model is
+always loaded on CPU; `compress.json` records "device": "cpu").
 
 Writes a compressed-tensors checkpoint folder (loadable by `idp_core.model.load_model`,
 transformers and vLLM) plus `compress.json`: method, settings, calibration data, library
@@ -21,14 +22,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from idp_core.build import build_engine
 from idp_core.config import GenConfig
-from idp_core.data import DEFAULT_CALIB, describe_data, load_chunks, load_wikitext2
-from idp_core.generate import Engine, GenRequest
+from idp_core.generate import GenRequest
+from idp_core.lab.data import DEFAULT_CALIB, describe_data, load_chunks, load_wikitext2
 from idp_core.model import LoadedModel, load_model
+from idp_core.paths import CACHE_DIR, COMPRESS_REPORT_FILE
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "compress.json"
+REPORT_FILE = COMPRESS_REPORT_FILE
 SELF_CALIB = "self"  # data-free calibration: text the model samples itself (no files needed)
 Method = Literal["gptq", "sparsegpt"]
 _MASKS = ("unstructured", "2:4")
@@ -148,7 +151,7 @@ def wikitext_perplexity(lm: LoadedModel, config: CompressConfig) -> float | None
     """WikiText-2 perplexity of the plain model (selection "none") through the engine."""
     if config.eval_windows == 0:
         return None
-    from idp_core.evaluate import perplexity
+    from idp_core.lab.evaluate import perplexity
 
     try:
         ids = load_wikitext2(lm.tokenizer)
@@ -156,7 +159,7 @@ def wikitext_perplexity(lm: LoadedModel, config: CompressConfig) -> float | None
         log.warning("WARNING skipping the perplexity check: %s", e)
         return None
     return perplexity(
-        Engine(lm, None), ids, selection="none", seq_len=config.eval_seq_len,
+        build_engine(lm), ids, selection="none", seq_len=config.eval_seq_len,
         max_windows=config.eval_windows, progress=True,
     )
 
@@ -176,7 +179,7 @@ def self_generated_chunks(
         GenConfig(max_tokens=seq_len - 1, temperature=1.0, seed=seed + i, ignore_eos=True)
         for i in range(num_samples)
     ]
-    results = Engine(lm, None).generate([GenRequest([bos], c) for c in config])
+    results = build_engine(lm).generate([GenRequest([bos], c) for c in config])
     return torch.tensor([[bos, *r.output_ids] for r in results], dtype=torch.long)
 
 
@@ -350,8 +353,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from idp_core.artefacts import CACHE_DIR
-
     config = CompressConfig(
         method=args.method, bits=args.bits, group_size=args.group_size,
         symmetric=not args.asymmetric, sparsity=args.sparsity, mask=args.mask,

@@ -62,7 +62,7 @@ def window_nll(
             scored = [lp.logprob for lp in (res.prompt_logprobs or [])[1:] if lp is not None]
             total -= math.fsum(scored)
             count += len(scored)
-            used[res.prefix] = used.get(res.prefix, 0) + 1
+            used[res.prompt_used] = used.get(res.prompt_used, 0) + 1
         bar.update(len(chunk))
     bar.close()
     return total, count, used
@@ -125,11 +125,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from idp_core.artefacts import ensure_default_model
     from idp_core.bank import PromptBank
-    from idp_core.data import load_wikitext2, read_texts
-    from idp_core.kv import precompute_prompt_kv
-    from idp_core.model import attach_lora, load_model
+    from idp_core.build import build_engine
+    from idp_core.lab.artefacts import ensure_default_model
+    from idp_core.lab.data import load_wikitext2, read_texts
+    from idp_core.model import load_model
 
     if args.bank and args.lora:
         raise ValueError("--bank and --lora are separate modes: give one of them")
@@ -138,20 +138,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         source = Path(args.model) if args.model else ensure_default_model()
     lm = load_model(source, dtype=args.dtype)
-    store, method = None, "none"
+    bank, method = None, "none"
     selections = args.selections.split(",")
     if args.bank:
         bank = PromptBank.load(args.bank)
-        bank.check_model(lm.fingerprint, origin=args.bank)
-        store = precompute_prompt_kv(lm.model, bank)
         if selections == ["all"]:
             selections = ["none", *bank.names, "concat", "auto"]
     elif args.lora:
-        attach_lora(lm, args.lora)
         method = "lora"
         selections = ["none"]
-    engine = Engine(lm, store, select_config=SelectConfig(score=args.score, align=args.align),
-                    method_without_bank=method)
+    engine = build_engine(lm, bank=bank, lora=args.lora or None, origin=args.bank or "bank",
+                          select_config=SelectConfig(score=args.score, align=args.align))
     if args.data:
         ids = lm.tokenizer("\n\n".join(read_texts(args.data)), add_special_tokens=False)
         ids = torch.tensor(ids["input_ids"], dtype=torch.long)

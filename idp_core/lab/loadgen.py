@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval" / \
+WIKITEXT = Path(__file__).resolve().parents[3] / "shared" / "data" / "eval" / \
     "wikitext2_raw_test.rows.jsonl"
 
 
@@ -155,7 +155,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
 def environment(targets: list[list[str]], args: argparse.Namespace) -> dict[str, Any]:
     """This machine and commit, and what each target reports it serves (its /v1/models)."""
-    from idp_core.bench import machine
+    from idp_core.lab.provenance import machine
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     served = {}

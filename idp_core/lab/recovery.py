@@ -1,5 +1,6 @@
-"""Summarise recovery-grid results (point estimates, paired bootstrap CIs, share of the
-compression loss recovered) and render them: Table 1-style Markdown and two PNGs."""
+"""Summarise the recovery grid that `report.py` runs (point estimates, paired bootstrap CIs,
+share of the compression loss recovered) and render it: Table 1-style Markdown and two PNGs.
+Reads saved raw results, so older runs re-render without running anything."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from idp_core.tasks import GROUP_ORDER, PRIMARY, bootstrap_ci, bootstrap_means, lambada_perplexity
+from idp_core.lab.tasks import (
+    GROUP_ORDER,
+    PRIMARY,
+    bootstrap_ci,
+    bootstrap_means,
+    lambada_perplexity,
+)
 
 NUM_BOOT = 1000
 IDP = "+IDP"

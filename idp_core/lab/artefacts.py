@@ -1,7 +1,8 @@
 """The shipped default artefacts: the compressed default model (rebuilt on first use into
 `.cache/models/`, too big to commit), its trained prompt bank and the LoRA baseline adapter.
 
-How each was made is in docs/artefacts.md; `idp build-default` rebuilds the model.
+How each was made is in docs/artefacts.md; `idp build-default` rebuilds the model. Where they
+live is `idp_core/paths.py`.
 """
 
 from __future__ import annotations
@@ -11,12 +12,10 @@ import json
 import logging
 from pathlib import Path
 
-from idp_core.compress import REPORT_FILE, SELF_CALIB, CompressConfig, compress
+from idp_core.lab.compress import SELF_CALIB, CompressConfig, compress
+from idp_core.paths import DEFAULT_BANK, DEFAULT_MODEL_DIR, default_model_built
 
 log = logging.getLogger(__name__)
-
-REPO = Path(__file__).resolve().parents[1]
-CACHE_DIR = REPO / ".cache" / "models"
 
 # GPTQ W4, group 64, chosen by WikiText-2 perplexity (docs/artefacts.md), calibrated on
 # 16 x 512 tokens the model generates itself, so a clone needs no data outside the repository.
@@ -24,10 +23,6 @@ DEFAULT_COMPRESS = CompressConfig(
     method="gptq", bits=4, group_size=64, num_samples=16, seq_len=512, calib=SELF_CALIB,
     eval_windows=32,
 )
-DEFAULT_MODEL_NAME = f"SmolLM2-135M-Instruct-{DEFAULT_COMPRESS.label()}"
-DEFAULT_MODEL_DIR = CACHE_DIR / DEFAULT_MODEL_NAME
-DEFAULT_BANK = REPO / "prompts" / "smollm2-135m-gptq-w4g64"
-DEFAULT_LORA = REPO / "adapters" / "smollm2-135m-gptq-w4g64-lora-r4"
 
 
 def ensure_default_model(*, force: bool = False) -> Path:
@@ -42,7 +37,7 @@ def ensure_default_model(*, force: bool = False) -> Path:
     Returns:
         The compressed-tensors checkpoint folder (loadable with `idp_core.model.load_model`).
     """
-    if not force and (DEFAULT_MODEL_DIR / REPORT_FILE).is_file():
+    if not force and default_model_built():
         return DEFAULT_MODEL_DIR
     log.info("building the default compressed model into %s (once; cached afterwards)",
              DEFAULT_MODEL_DIR)

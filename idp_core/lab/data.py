@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
 DEFAULT_CALIB = DATA_DIR / "calib" / "c4_sample.jsonl"
 WIKITEXT2_TEST = DATA_DIR / "eval" / "wikitext2_raw_test.rows.jsonl"
 

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from idp_core.bank import PromptBank
 from idp_core.config import TrainConfig
-from idp_core.data import DEFAULT_CALIB, describe_data, read_texts, tokenize_chunks
-from idp_core.model import LoadedModel, resolve_dtype
+from idp_core.lab.data import DEFAULT_CALIB, describe_data, read_texts, tokenize_chunks
+from idp_core.model import LoadedModel, attach_lora, resolve_dtype
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TRAIN_FILE = "train.json"
@@ -249,14 +249,15 @@ def train_lora(
     Returns:
         (the PeftModel, training stats).
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     torch.manual_seed(config.seed)  # LoRA A matrices are randomly initialised
     peft_config = LoraConfig(
         r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
         target_modules=list(LORA_TARGETS), bias="none", task_type="CAUSAL_LM",
     )
-    model = get_peft_model(lm.model, peft_config)
+    attach_lora(lm, peft_config, adapter_fp32=True)
+    model = lm.model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     stats = _optimise(lambda ids: lm_loss(model, ids), params, chunks, config, seed=config.seed,
@@ -315,7 +316,7 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from idp_core.artefacts import ensure_default_model
+    from idp_core.lab.artefacts import ensure_default_model
     from idp_core.model import load_model
 
     if args.threads:

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from server.loadgen import WIKITEXT, percentiles, prompt_texts
+from idp_core.lab.loadgen import WIKITEXT, percentiles, prompt_texts
 
 
 def process_stats(pid: int) -> dict[str, int]:

@@ -1,6 +1,7 @@
-"""`idp eval` (one model, several recovery methods, the task suite) and `idp report` (the recovery
-grid of Hoang et al. Table 1: uncompressed / compressed / +prompt / +concat / +LoRA / +IDP, as
-Markdown, JSON and PNGs with 95% bootstrap CIs). Every score goes through the serving engine.
+"""`idp eval tasks` (one model, several recovery methods, the task suite) and `idp report`, which
+runs the recovery grid of Hoang et al. Table 1 (uncompressed / compressed / +prompt / +concat /
++LoRA / +IDP) and has `recovery.py` render it as Markdown, JSON and PNGs with 95% bootstrap CIs.
+Every score goes through the serving engine.
 """
 
 from __future__ import annotations
@@ -8,14 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from idp_core.recovery import IDP, markdown, pct, plots, recovered, summarise
-from idp_core.tasks import TASKS_DIR, evaluate_task, load_task, task_files
+from idp_core.lab.provenance import git_commit
+from idp_core.lab.recovery import IDP, markdown, pct, plots, recovered, summarise
+from idp_core.lab.tasks import TASKS_DIR, evaluate_task, load_task, task_files
 
 
 # ---- running ------------------------------------------------------------------------------
@@ -33,7 +34,7 @@ def run_method(engine, tasks, *, selection: str, batch_size: int, ppl_ids, ppl_w
                ppl_seq_len: int, reuse: dict[str, Any] | None = None) -> dict[str, Any]:
     """All tasks (and WikiText-2 perplexity if `ppl_ids` is given) for one selection; tasks in
     `reuse` (name -> saved result) are copied instead of run."""
-    from idp_core.evaluate import perplexity
+    from idp_core.lab.evaluate import perplexity
 
     out: dict[str, Any] = {"selection": selection, "tasks": {}}
     for task in tasks:
@@ -83,46 +84,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="report: a Markdown file appended to recovery.md (findings)")
 
 
-def _git() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def run(args: argparse.Namespace) -> int:
     return run_report(args) if args.command == "report" else run_eval(args)
 
 
 def _ppl_ids(lm, args):
-    from idp_core.data import load_wikitext2
+    from idp_core.lab.data import load_wikitext2
 
     return load_wikitext2(lm.tokenizer) if args.ppl_windows > 0 else None
 
 
 def _engine(lm, bank_path):
     from idp_core.bank import PromptBank
-    from idp_core.generate import Engine
-    from idp_core.kv import precompute_prompt_kv
+    from idp_core.build import build_engine
 
     bank = PromptBank.load(bank_path)
-    bank.check_model(lm.fingerprint, origin=str(bank_path))
-    return Engine(lm, precompute_prompt_kv(lm.model, bank)), bank
+    return build_engine(lm, bank=bank, origin=str(bank_path)), bank
 
 
 def _lora_engine(source, lora_path, dtype):
-    from idp_core.generate import Engine
-    from idp_core.model import attach_lora, load_model
+    from idp_core.build import build_engine
+    from idp_core.model import load_model, lora_parameters
 
-    lm = load_model(source, dtype=dtype)
-    params = attach_lora(lm, lora_path)
-    return Engine(lm, None, method_without_bank="lora"), params
+    engine = build_engine(load_model(source, dtype=dtype), lora=lora_path)
+    return engine, lora_parameters(engine.lm.model)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from idp_core.artefacts import ensure_default_model
-    from idp_core.generate import Engine
+    from idp_core.build import build_engine
+    from idp_core.lab.artefacts import ensure_default_model
     from idp_core.model import load_model
 
     source = None if args.original else (args.model or ensure_default_model())
@@ -140,7 +130,7 @@ def run_eval(args: argparse.Namespace) -> int:
         else:
             if engine is None:
                 lm = load_model(source, dtype=args.dtype)
-                engine = _engine(lm, args.bank)[0] if args.bank else Engine(lm, None)
+                engine = _engine(lm, args.bank)[0] if args.bank else build_engine(lm)
             run_engine, sel_used, params = engine, sel, 0
         raw[sel] = {**run_method(run_engine, tasks, selection=sel_used,
                                  batch_size=args.batch_size, ppl_ids=_ppl_ids(run_engine.lm, args),
@@ -178,10 +168,11 @@ def report_methods(bank, requested: list[str] | None) -> list[tuple[str, str, st
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from idp_core.artefacts import DEFAULT_BANK, DEFAULT_LORA, ensure_default_model
     from idp_core.bank import PromptBank
-    from idp_core.generate import Engine
+    from idp_core.build import build_engine
+    from idp_core.lab.artefacts import ensure_default_model
     from idp_core.model import load_model
+    from idp_core.paths import DEFAULT_BANK, DEFAULT_LORA
 
     out = Path(args.out or "docs")
     raw_dir = out / "recovery_raw"
@@ -215,11 +206,11 @@ def run_report(args: argparse.Namespace) -> int:
         print(f"== {name}", flush=True)
         params = 0
         if kind == "uncompressed":
-            engine = Engine(load_model(None, dtype=args.dtype), None)
+            engine = build_engine(load_model(None, dtype=args.dtype))
         elif kind == "lora":
             engine, params = _lora_engine(source, lora_path, args.dtype)
         elif kind == "compressed" and bank is None:
-            engine = Engine(load_model(source, dtype=args.dtype), None)
+            engine = build_engine(load_model(source, dtype=args.dtype))
         else:
             if "bank" not in engines:
                 engines["bank"] = _engine(load_model(source, dtype=args.dtype), bank_path)[0]
@@ -242,7 +233,8 @@ def run_report(args: argparse.Namespace) -> int:
         path.write_text(json.dumps(raw[name]) + "\n")
     summary = summarise(raw)
     meta = {"model": source.name, "bank": str(bank_path), "lora": str(lora_path),
-            "limit": args.limit, "seed": args.seed, "dtype": args.dtype, "git": _git(),
+            "limit": args.limit, "seed": args.seed, "dtype": args.dtype,
+            "git": git_commit(short=True),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "ppl_windows": args.ppl_windows, "ppl_seq_len": args.ppl_seq_len,
             "command": getattr(args, "command_line", None) or _command(args)}

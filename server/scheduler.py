@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from idp_core.generate import Batch, Engine, GenRequest, GenResult, Sequence, TokenLogprob
+from idp_core.generate import Batch, Engine, GenRequest, GenResult, RunningRequest, TokenLogprob
 from server.errors import EngineStepError, OutOfMemory, QueueFull, ServerDraining
 from server.metrics import Metrics
 
@@ -32,9 +32,8 @@ def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's malloc_trim, or None where the C library has none (musl, macOS).
 
     Batches of ever-changing shapes leave freed tensor memory in glibc's arenas, which it keeps
-    instead of returning to the OS. On the default model a 2-minute soak grew resident memory
-    by 52 %; `idp bench memory` shows live tensors flat at 266 MB while RSS rises by ~220 MB,
-    of which malloc_trim(0) hands back 123 MB (docs/reliability.md).
+    instead of returning to the OS: resident memory grows while live tensors stay flat, and
+    malloc_trim(0) hands much of it back (`idp bench memory`; figures in docs/reliability.md).
     """
     try:
         return ctypes.CDLL("libc.so.6").malloc_trim
@@ -75,8 +74,9 @@ class Submission:
         return len(self.request.input_ids) + self.request.config.max_tokens
 
 
-class AsyncEngine:
-    """Owns the model thread; `generate` is the only entry point for request handlers."""
+class Scheduler:
+    """Schedules requests onto the engine from its one model thread; handlers `submit` a request
+    and read its `updates`."""
 
     def __init__(
         self,
@@ -234,7 +234,7 @@ class AsyncEngine:
                 continue  # finished rows get everything with their result
             self._push_delta(work, s, final=False)
 
-    def _push_delta(self, work: Submission, s: Sequence, *, final: bool) -> None:
+    def _push_delta(self, work: Submission, s: RunningRequest, *, final: bool) -> None:
         text = self.engine.text(s)
         if not final:
             # hold back an incomplete UTF-8 character and a possible stop-string prefix
@@ -248,7 +248,7 @@ class AsyncEngine:
         work.sent_tokens, work.sent_chars = len(s.output_ids), max(len(text), work.sent_chars)
         work.push(Update(text=delta, token_ids=new_ids, logprobs=new_lps))
 
-    def _finish(self, done: list[Sequence]) -> None:
+    def _finish(self, done: list[RunningRequest]) -> None:
         now = time.perf_counter()
         for s in done:
             work = self._running.pop(s.request.request_id)
@@ -256,7 +256,7 @@ class AsyncEngine:
             if s.finish_reason == "abort":
                 self.metrics.record_error("client_disconnected", result.method)
                 continue
-            self.selection_counts[result.prefix] += 1
+            self.selection_counts[result.prompt_used] += 1
             self.metrics.record_finished(result, arrival=work.arrival, admitted=work.admitted,
                                          finished=now)
             if work.stream:

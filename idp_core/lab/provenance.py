@@ -1,0 +1,40 @@
+"""Where a result came from: the git commit and the machine, recorded beside every benchmark,
+load run and report."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from datetime import datetime, timezone
+from typing import Any
+
+from idp_core.paths import REPO
+
+
+def git_commit(*, short: bool = False) -> str:
+    """HEAD of this repository; the full hash gets "+uncommitted" when tracked files changed.
+    "unknown" without git or outside a checkout."""
+
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], capture_output=True, text=True, check=True,
+                              cwd=REPO).stdout.strip()
+
+    try:
+        if short:
+            return git("rev-parse", "--short", "HEAD")
+        commit = git("rev-parse", "HEAD")
+        if git("status", "--porcelain", "--untracked-files=no"):
+            commit += "+uncommitted"
+        return commit
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> dict[str, Any]:
+    """Date, machine, torch and the git commit a benchmark ran at."""
+    import torch
+
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": platform.machine(), "processor": platform.processor(),
+            "cpu_count": torch.get_num_threads(), "torch": torch.__version__,
+            "git_commit": git_commit()}

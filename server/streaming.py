@@ -1,0 +1,119 @@
+"""Waiting on the scheduler: queue a request's prompts, collect their results or merge their
+streams, and send a stream as server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from idp_core.generate import GenRequest, GenResult
+from server.errors import ClientDisconnected, EngineStepError, Timeout, error_body
+from server.scheduler import Submission, Update
+from server.state import ServingState
+
+log = logging.getLogger(__name__)
+
+
+def submit_all(s: ServingState, reqs: list[GenRequest], *, stream: bool) -> list[Submission]:
+    """Queue every prompt of a request, or none: a refusal (503) comes before any response."""
+    works: list[Submission] = []
+    try:
+        for r in reqs:
+            works.append(s.scheduler.submit(r, stream=stream))
+    except Exception:
+        for w in works:
+            w.cancelled = True
+        raise
+    return works
+
+
+async def collect_all(s: ServingState, works: list[Submission],
+                      request: Request) -> list[GenResult]:
+    """Wait for the results; a client that disconnects first cancels its requests."""
+    timeout_s = request.app.state.settings.request_timeout_s
+
+    async def result(work: Submission) -> GenResult:
+        async with contextlib.aclosing(s.scheduler.updates(work)) as updates:
+            async for u in updates:
+                if u.error is not None:
+                    raise u.error
+                if u.result is not None:
+                    return u.result
+        raise RuntimeError("engine ended a request without a result")
+
+    task = asyncio.create_task(asyncio.wait_for(
+        asyncio.gather(*(result(w) for w in works)), timeout_s))
+    gone = asyncio.create_task(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():  # the client left: cancelling frees its queue or batch slots
+            task.cancel()
+        for w in works:  # no-op for finished ones; stops siblings of a failed prompt
+            w.cancelled = True
+    if not task.done() or task.cancelled():
+        raise ClientDisconnected("the client disconnected")
+    try:
+        return list(task.result())
+    except asyncio.TimeoutError:  # an alias of TimeoutError from Python 3.11 on
+        raise Timeout(f"no result within {timeout_s} s") from None
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def merge_streams(s: ServingState, works: list[Submission]
+                        ) -> AsyncIterator[tuple[int, Update]]:
+    """Updates of several submissions as they come, tagged with the submission's index."""
+    queue: asyncio.Queue[tuple[int, Update]] = asyncio.Queue()
+
+    async def pump(i: int, work: Submission) -> None:
+        async with contextlib.aclosing(s.scheduler.updates(work)) as updates:
+            async for u in updates:
+                await queue.put((i, u))
+
+    tasks = [asyncio.create_task(pump(i, w)) for i, w in enumerate(works)]
+    try:
+        remaining = len(works)
+        while remaining:
+            i, u = await queue.get()
+            if u.error is not None:
+                raise u.error
+            remaining -= u.result is not None
+            yield i, u
+    finally:
+        for t in tasks:
+            t.cancel()
+        for w in works:  # no-op for finished ones; frees the slots of the rest
+            w.cancelled = True
+
+
+def sse(events: AsyncIterator[dict[str, Any]], request: Request) -> StreamingResponse:
+    """Server-sent events ending in `data: [DONE]`; an error mid-stream becomes an error event."""
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event)}\n\n"
+        except Exception as e:  # headers are sent: report in-band, as OpenAI does
+            if not isinstance(e, EngineStepError):  # the engine logged and counted those
+                log.exception("stream failed (request id %s)", request.state.request_id)
+                request.app.state.metrics.record_error("internal")
+            message = getattr(e, "message", "internal server error")
+            body = error_body(500, message, "internal_error", None, None)
+            yield f"data: {json.dumps(body)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
