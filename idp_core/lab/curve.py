@@ -223,6 +223,7 @@ def run_method(method: Method, lm: LoadedModel, teacher: LoadedModel, chunks: Te
             "train_wall_s": round(state.wall_s, 1),
             "tokens_per_s": round(state.tokens_per_s(), 1),
             "train_loss_last10": round(sum(state.losses[-10:]) / len(state.losses[-10:]), 5),
+            "commit": record["commit"],
             "scores": scores,
         })
         entry["milestones"].sort(key=lambda m: m["tokens"])
@@ -462,7 +463,7 @@ def run(args: argparse.Namespace) -> int:
         }
         record["baselines_wall_s"] = round(time.perf_counter() - t0, 1)
         save()
-    for method in sorted(methods, key=lambda m: m.family == "lora"):  # LoRA wraps the model
+    for method in methods:
         run_method(method, lm, teacher, chunks, windows, teacher_logp, milestones,
                    batch_size=args.batch_size, work=work, record=record, save=save,
                    settings=settings, eval_batch=8)
