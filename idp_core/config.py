@@ -88,12 +88,23 @@ class GenConfig:
         return self.temperature == 0.0
 
 
+# Learning rates per method, from short runs on the default model (docs/curve/notes.md).
+DEFAULT_LR = {"shallow": 3e-2, "deep": 1e-2, "lora": 2e-3}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Prompt-tuning / LoRA training settings (defaults follow Hoang et al.).
+    """Prompt / LoRA training settings.
 
     Attributes:
-        lr: AdamW learning rate.
+        kind: "shallow" (input-embedding prompts, the paper's) or "deep" (every layer's keys
+            and values, prefix-tuning) prompts; ignored for LoRA.
+        loss: "lm" (next-token cross-entropy), "kd" (KL from the uncompressed teacher) or
+            "mix" (half of each).
+        init: prompts start from real text ("text": its embeddings or KV) or from random
+            vocabulary rows ("vocab").
+        lr: AdamW learning rate (None: DEFAULT_LR of the method: shallow, deep or lora).
+        warmup: steps of linear learning-rate warm-up.
         weight_decay: AdamW weight decay.
         total_tokens: training budget in input tokens, per prompt (or for the adapter).
         seq_len: tokens per training sequence (excluding the prompt).
@@ -103,11 +114,16 @@ class TrainConfig:
         lora_alpha: LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank).
         clusters: train prompt i on cluster i of the data (k-means over mean embeddings).
         seed: seeds data order and initialisation.
-        dtype: dtype of the frozen model while training ("bfloat16" or "float32"); the
-            trained parameters and optimiser state stay float32.
+        dtype: dtype of the frozen model while training ("float32" or "bfloat16"; bf16 is
+            slower on CPUs without AVX-512 bf16); trained parameters and optimiser state stay
+            float32.
     """
 
-    lr: float = 2e-4
+    kind: str = "shallow"
+    loss: str = "lm"
+    init: str = "text"
+    lr: float | None = None
+    warmup: int = 5
     weight_decay: float = 1e-5
     total_tokens: int = 200_000
     seq_len: int = 256
@@ -117,11 +133,18 @@ class TrainConfig:
     lora_alpha: int = 8
     clusters: bool = False
     seed: int = 0
-    dtype: str = "bfloat16"
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
+        for name, value, allowed in (("kind", self.kind, ("shallow", "deep")),
+                                     ("loss", self.loss, ("lm", "kd", "mix")),
+                                     ("init", self.init, ("text", "vocab"))):
+            if value not in allowed:
+                raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {value!r}")
+        if self.lr is not None and self.lr <= 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.warmup < 0:
+            raise ValueError(f"TrainConfig.warmup must be >= 0, got {self.warmup}")
         if self.weight_decay < 0:
             raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
         if self.seq_len < 2 or self.batch_size < 1:
@@ -146,6 +169,10 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.dtype must be 'bfloat16' or 'float32', got {self.dtype!r}"
             )
+
+    def rate(self, method: str) -> float:
+        """The learning rate for method "shallow", "deep" or "lora"."""
+        return self.lr if self.lr is not None else DEFAULT_LR[method]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -22,21 +22,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from idp_core.config import DEFAULT_LR
 from idp_core.lab.fit import FitConfig, fit
 from idp_core.lab.objective import (
     check_teacher,
-    init_from_text,
-    recovery_loss,
     student_logits,
     teacher_logprobs,
     token_kl,
     token_nll,
 )
+from idp_core.lab.train import loss_function, make_student
 from idp_core.model import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LR = {"shallow": 3e-2, "deep": 1e-2, "lora": 2e-3}
 _SPEC = re.compile(r"^(shallow|deep|lora)(\d+)-(lm|kd|mix)(?:@([0-9.e-]+))?(?:/(text|vocab))?$")
 
 
@@ -162,30 +161,6 @@ def slug(method: Method) -> str:
 
 
 # ---- one method ---------------------------------------------------------------------------
-def _student(method: Method, lm: LoadedModel, chunks: Tensor,
-             seed: int) -> tuple[torch.nn.Module, Tensor | None, list[Tensor]]:
-    """(model to run, prompt or None, trainable tensors) for `method` on `lm`."""
-    if method.family == "lora":
-        from peft import LoraConfig
-
-        from idp_core.lab.train import LORA_TARGETS
-        from idp_core.model import attach_lora
-
-        torch.manual_seed(seed)  # LoRA's A matrices are random
-        attach_lora(lm, LoraConfig(r=method.size, lora_alpha=2 * method.size, lora_dropout=0.0,
-                                   target_modules=list(LORA_TARGETS), bias="none",
-                                   task_type="CAUSAL_LM"), adapter_fp32=True)
-        return lm.model, None, [p for p in lm.model.parameters() if p.requires_grad]
-    # from real text (the first tokens of a training chunk) or from random vocabulary rows
-    g = torch.Generator().manual_seed(seed)
-    if method.init == "vocab":
-        ids = torch.randint(0, lm.model.config.vocab_size, (method.size,), generator=g)
-    else:
-        ids = chunks[int(torch.randint(0, len(chunks), (1,), generator=g)), : method.size]
-    prompt = torch.nn.Parameter(init_from_text(lm, ids, method.family))
-    return lm.model, prompt, [prompt]
-
-
 def run_method(method: Method, lm: LoadedModel, teacher: LoadedModel, chunks: Tensor,
                windows: dict[str, Tensor], teacher_logp: dict[str, list[Tensor]],
                milestones: list[int], *, batch_size: int,
@@ -199,17 +174,15 @@ def run_method(method: Method, lm: LoadedModel, teacher: LoadedModel, chunks: Te
     todo = [t for t in milestones if t not in done]
     if not todo:
         return
-    model, prompt, params = _student(method, lm, chunks, settings["seed"])
+    student = make_student(lm, method.family, method.size, chunks, init=method.init,
+                           seed=settings["seed"])
+    model, prompt, params = student.model, student.prompt, student.params
     entry = record["methods"][method.name]
     entry["trainable_parameters"] = sum(p.numel() for p in params)
     steps_at = {t: max(1, t // (batch_size * seq_len)) for t in todo}
     config = FitConfig(steps=max(steps_at.values()), batch_size=batch_size, lr=method.lr,
                        seed=settings["seed"])
-
-    def loss_fn(ids: Tensor) -> Tensor:
-        ids = ids.to(lm.device)
-        teacher_logp = None if method.loss == "lm" else teacher_logprobs(teacher.model, ids)
-        return recovery_loss(method.loss, student_logits(model, ids, prompt), ids, teacher_logp)
+    loss_fn = loss_function(student, method.loss, teacher.model, lm.device)
 
     work.mkdir(parents=True, exist_ok=True)
     for tokens in todo:

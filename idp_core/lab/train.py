@@ -1,9 +1,11 @@
-"""Training on a frozen compressed model: a bank of soft prompts (`idp train-prompts`) and the
-LoRA baseline (`idp train-lora`), both with the language-modelling loss on calibration text.
+"""Training on a frozen compressed model: a bank of prompts (`idp train-prompts`, shallow or
+deep) and the LoRA baseline (`idp train-lora`), with the language-modelling loss, distillation
+from the uncompressed teacher, or both (`lab/objective.py`), in the resumable loop of
+`lab/fit.py`. `idp curve` trains through the same functions.
 
-Each prompt is trained alone (prompts never attend to each other, as when served), at
-positions 0..L-1 before the text, initialised from randomly chosen vocabulary embeddings
-(Hoang et al.; Lester et al. 2021).
+Each prompt is trained alone (prompts never attend to each other, as when served) and starts
+from real text: the embeddings (shallow) or the KV (deep) of the first tokens of a training
+chunk; `init="vocab"` starts from random vocabulary rows instead.
 """
 
 from __future__ import annotations
@@ -13,83 +15,109 @@ import importlib.metadata
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from idp_core.bank import PromptBank
 from idp_core.config import TrainConfig
 from idp_core.lab.data import DEFAULT_CALIB, describe_data, read_texts, tokenize_chunks
-from idp_core.model import LoadedModel, attach_lora, resolve_dtype
+from idp_core.lab.fit import FitConfig, FitState, fit
+from idp_core.lab.objective import (
+    init_from_text,
+    recovery_loss,
+    student_logits,
+    teacher_logprobs,
+)
+from idp_core.model import LoadedModel, attach_lora, lora_parameters, resolve_dtype
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TRAIN_FILE = "train.json"
 
 
 @dataclass
-class TrainStats:
-    """What one training run did: per-step losses and totals."""
+class Student:
+    """What one method trains on the frozen model: the module that runs, the prompt it runs
+    with (None for LoRA), and the trainable tensors."""
 
-    losses: list[float] = field(default_factory=list)
-    tokens: int = 0
-    steps: int = 0
-    wall_s: float = 0.0
-    num_sequences: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "steps": self.steps,
-            "tokens": self.tokens,
-            "num_sequences": self.num_sequences,
-            "wall_s": round(self.wall_s, 1),
-            "initial_loss": self.losses[0] if self.losses else None,
-            "final_loss": final_loss(self.losses),
-            "loss_curve": [round(x, 4) for x in self.losses],
-        }
+    model: torch.nn.Module
+    prompt: Tensor | None
+    params: list[Tensor]
 
 
-def final_loss(losses: list[float], *, window: int = 10) -> float | None:
-    """Mean of the last `window` step losses (single steps are noisy)."""
-    if not losses:
-        return None
-    tail = losses[-window:]
-    return sum(tail) / len(tail)
+def make_student(lm: LoadedModel, method: str, size: int, chunks: Tensor, *, init: str = "text",
+                 seed: int = 0, lora_alpha: int | None = None) -> Student:
+    """A fresh student: a shallow or deep prompt of `size` tokens, or a LoRA of rank `size`.
 
-
-def _parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
-    """(input embedding, decoder, lm_head) of a causal LM or of a peft model wrapping one."""
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return causal.get_input_embeddings(), causal.get_decoder(), causal.get_output_embeddings()
-
-
-def lm_loss(model: torch.nn.Module, ids: Tensor, prompt: Tensor | None = None) -> Tensor:
-    """Mean next-token cross-entropy of `ids` [B, T], after an optional soft prompt [L, d].
-
-    With a prompt the sequence is [P; x] at positions 0..L+T-1 and every x_t is scored
-    (x_0 given P alone), as the engine serves it; without one, x_1.. are scored.
+    A prompt starts from the first `size` tokens of a seeded-random training chunk (`init`
+    "text") or from `size` random vocabulary ids ("vocab"); a LoRA wraps `lm.model` (float32
+    adapter weights, peft's initialisation: B = 0, so it starts as the bare model).
     """
-    embed, decoder, lm_head = _parts(model)
-    x = embed(ids)  # [B, T, d]
-    if prompt is not None:
-        x = torch.cat([prompt.to(x.dtype).expand(ids.shape[0], -1, -1), x], dim=1)  # [B, L+T, d]
-    hidden = decoder(inputs_embeds=x, use_cache=False).last_hidden_state  # [B, L+T, d]
-    if prompt is not None:
-        n = prompt.shape[0]
-        hidden, targets = hidden[:, n - 1 : -1], ids  # [B, T, d], [B, T]
+    if method == "lora":
+        from peft import LoraConfig
+
+        torch.manual_seed(seed)  # LoRA's A matrices are random
+        attach_lora(lm, LoraConfig(r=size, lora_alpha=lora_alpha or 2 * size, lora_dropout=0.0,
+                                   target_modules=list(LORA_TARGETS), bias="none",
+                                   task_type="CAUSAL_LM"), adapter_fp32=True)
+        return Student(lm.model, None, [p for p in lm.model.parameters() if p.requires_grad])
+    g = torch.Generator().manual_seed(seed)
+    if init == "vocab":
+        ids = torch.randint(0, lm.model.config.vocab_size, (size,), generator=g)
     else:
-        hidden, targets = hidden[:, :-1], ids[:, 1:]
-    logits = lm_head(hidden).float()  # [B, T', V]
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        ids = chunks[int(torch.randint(0, len(chunks), (1,), generator=g)), :size]
+    prompt = torch.nn.Parameter(init_from_text(lm, ids, method))
+    return Student(lm.model, prompt, [prompt])
 
 
-def init_prompt(embedding: Tensor, length: int, *, generator: torch.Generator) -> Tensor:
-    """[length, d] float32 copy of the embeddings of `length` random vocabulary tokens."""
-    ids = torch.randint(0, embedding.shape[0], (length,), generator=generator)
-    return embedding[ids].detach().to(torch.float32).clone()
+def loss_function(student: Student, loss: str, teacher: torch.nn.Module | None,
+                  device: torch.device) -> Callable[[Tensor], Tensor]:
+    """ids [B, T] -> the training loss of `student` (the teacher's forward runs per batch)."""
+    if loss != "lm" and teacher is None:
+        raise ValueError(f"loss {loss!r} needs a teacher model")
+
+    def loss_fn(ids: Tensor) -> Tensor:
+        ids = ids.to(device)
+        t_logp = None if loss == "lm" else teacher_logprobs(teacher, ids)
+        return recovery_loss(loss, student_logits(student.model, ids, student.prompt), ids,
+                             t_logp)
+    return loss_fn
+
+
+def fit_config(config: TrainConfig, method: str) -> FitConfig:
+    return FitConfig(steps=num_steps(config), batch_size=config.batch_size,
+                     lr=config.rate(method), weight_decay=config.weight_decay,
+                     warmup=config.warmup, seed=config.seed)
+
+
+def num_steps(config: TrainConfig) -> int:
+    return config.total_tokens // (config.batch_size * config.seq_len)
+
+
+def stats_dict(state: FitState, num_sequences: int) -> dict[str, Any]:
+    """A run's record for a manifest: steps, tokens, speed and the loss curve."""
+    tail = state.losses[-10:]
+    return {
+        "steps": state.step,
+        "tokens": state.tokens,
+        "num_sequences": num_sequences,
+        "wall_s": round(state.wall_s, 1),
+        "tokens_per_s": round(state.tokens_per_s(), 1),
+        "initial_loss": state.losses[0] if state.losses else None,
+        "final_loss": sum(tail) / len(tail) if tail else None,  # mean of the last 10 steps
+        "loss_curve": [round(x, 4) for x in state.losses],
+    }
+
+
+def _settings(lm: LoadedModel, config: TrainConfig, teacher: LoadedModel | None,
+              **extra: Any) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed."""
+    return {"model": lm.fingerprint.to_dict(), "config": config.to_dict(),
+            "teacher": None if teacher is None else teacher.fingerprint.to_dict(), **extra}
 
 
 def cluster_chunks(lm: LoadedModel, chunks: Tensor, k: int, *, seed: int = 0) -> Tensor:
@@ -129,70 +157,27 @@ def cluster_chunks(lm: LoadedModel, chunks: Tensor, k: int, *, seed: int = 0) ->
     return assign
 
 
-def _batches(num: int, config: TrainConfig, seed: int):
-    """Yield index tensors [batch_size] over a shuffled pool, reshuffled every epoch."""
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(num, generator=g)
-    pos = 0
-    while True:
-        if pos + config.batch_size > num:
-            take = order[pos:]
-            order = torch.randperm(num, generator=g)
-            pos = config.batch_size - len(take)
-            yield torch.cat([take, order[:pos]])
-        else:
-            yield order[pos : pos + config.batch_size]
-            pos += config.batch_size
-
-
-def num_steps(config: TrainConfig) -> int:
-    return config.total_tokens // (config.batch_size * config.seq_len)
-
-
-def _optimise(
-    loss_fn, params: list[Tensor], chunks: Tensor, config: TrainConfig, *, seed: int, desc: str
-) -> TrainStats:
-    """AdamW on `params` for the token budget; returns per-step losses."""
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    stats = TrainStats(num_sequences=len(chunks))
-    steps = num_steps(config)
-    start = time.perf_counter()
-    batches = _batches(len(chunks), config, seed)
-    bar = tqdm(range(steps), desc=desc, unit="step")
-    with torch.enable_grad():
-        for _ in bar:
-            ids = chunks[next(batches)]  # [B, T]
-            loss = loss_fn(ids)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            stats.losses.append(loss.item())
-            stats.tokens += ids.numel()
-            bar.set_postfix(loss=f"{stats.losses[-1]:.3f}")
-    stats.steps = steps
-    stats.wall_s = time.perf_counter() - start
-    return stats
-
-
 def train_prompt(
     lm: LoadedModel, chunks: Tensor, length: int, config: TrainConfig, *, seed: int,
-    desc: str = "prompt",
-) -> tuple[Tensor, TrainStats]:
-    """Prompt-tune one soft prompt [length, d] alone on `chunks` [N, T]; the model stays frozen.
+    teacher: LoadedModel | None = None, checkpoint: Path | None = None, desc: str = "prompt",
+) -> tuple[Tensor, FitState]:
+    """Train one prompt of `config.kind` ([length, d] or [2, layers, Hkv, length, D]) alone on
+    `chunks` [N, T]; the model stays frozen. Resumes from `checkpoint` if it exists.
 
     Returns:
-        (trained prompt [length, d] float32, training stats).
+        (the trained prompt, float32 on CPU; the run's state).
     """
-    g = torch.Generator().manual_seed(seed)
-    prompt = torch.nn.Parameter(init_prompt(lm.model.get_input_embeddings().weight, length,
-                                            generator=g))
-    stats = _optimise(lambda ids: lm_loss(lm.model, ids, prompt), [prompt], chunks, config,
-                      seed=seed, desc=desc)
-    return prompt.detach().clone(), stats
+    student = make_student(lm, config.kind, length, chunks, init=config.init, seed=seed)
+    loss_fn = loss_function(student, config.loss, teacher and teacher.model, lm.device)
+    state = fit(student.params, loss_fn, chunks, fit_config(config, config.kind),
+                checkpoint=checkpoint, desc=desc,
+                settings=_settings(lm, config, teacher, length=length, seed=seed))
+    return student.prompt.detach().float().cpu().clone(), state
 
 
 def train_prompts(
-    lm: LoadedModel, chunks: Tensor, config: TrainConfig, *, data: dict[str, Any] | None = None
+    lm: LoadedModel, chunks: Tensor, config: TrainConfig, *, data: dict[str, Any] | None = None,
+    teacher: LoadedModel | None = None, checkpoint_dir: Path | None = None,
 ) -> PromptBank:
     """Train one prompt per entry of `config.prompt_lengths`, each alone, into a PromptBank.
 
@@ -201,6 +186,8 @@ def train_prompts(
         chunks: [N, T] training token ids (T = config.seq_len).
         config: training settings; with `clusters`, prompt i trains on k-means cluster i.
         data: description of the training data for the manifest.
+        teacher: the uncompressed model, for the "kd" and "mix" losses.
+        checkpoint_dir: where each prompt's run checkpoints (and resumes from).
 
     Returns:
         The bank, with the model fingerprint and training metadata (loss curves) filled in.
@@ -214,14 +201,22 @@ def train_prompts(
         cluster_sizes = [len(g) for g in groups]
     names, prompts, per_prompt = [], [], []
     start = time.perf_counter()
+    prefix = ("c" if config.clusters else "p") + ("d" if config.kind == "deep" else "")
     for i, (length, group) in enumerate(zip(config.prompt_lengths, groups, strict=True)):
-        name = f"{'c' if config.clusters else 'p'}{i}-L{length}"
-        prompt, stats = train_prompt(lm, group, length, config, seed=config.seed + i, desc=name)
+        name = f"{prefix}{i}-L{length}"
+        checkpoint = None if checkpoint_dir is None else checkpoint_dir / f"{name}.pt"
+        prompt, state = train_prompt(lm, group, length, config, seed=config.seed + i,
+                                     teacher=teacher, checkpoint=checkpoint, desc=name)
         names.append(name)
         prompts.append(prompt)
-        per_prompt.append({"name": name, "length": length, **stats.to_dict()})
+        per_prompt.append({"name": name, "length": length, **stats_dict(state, len(group))})
     training = {
-        "method": "prompt-tuning",
+        "method": f"{config.kind} prompt tuning",
+        "kind": config.kind,
+        "loss": config.loss,
+        "init": config.init,
+        "teacher": None if teacher is None else {"source": teacher.source,
+                                                 "fingerprint": teacher.fingerprint.to_dict()},
         "config": config.to_dict(),
         "data": data,
         "clusters": cluster_sizes,
@@ -229,42 +224,31 @@ def train_prompts(
         "tokens_per_prompt": per_prompt[0]["tokens"],
         "total_tokens": sum(p["tokens"] for p in per_prompt),
         "steps_per_prompt": per_prompt[0]["steps"],
-        "lr": config.lr,
+        "lr": config.rate(config.kind),
         "weight_decay": config.weight_decay,
         "wall_s": round(time.perf_counter() - start, 1),
         "prompts": per_prompt,
         "library": {"torch": torch.__version__},
     }
-    return PromptBank(names, prompts, lm.fingerprint.to_dict(), training)
+    return PromptBank(names, prompts, lm.fingerprint.to_dict(), training, kind=config.kind)
 
 
 def train_lora(
-    lm: LoadedModel, chunks: Tensor, config: TrainConfig
-) -> tuple[torch.nn.Module, TrainStats]:
-    """Wrap `lm.model` in a peft LoRA (rank config.lora_rank on q,k,v,o,gate,up,down) and train it.
-
-    The base weights stay frozen; adapter weights are float32 (peft upcasts them) whatever the
+    lm: LoadedModel, chunks: Tensor, config: TrainConfig, *, teacher: LoadedModel | None = None,
+    checkpoint: Path | None = None,
+) -> tuple[torch.nn.Module, FitState]:
+    """Wrap `lm.model` in a peft LoRA (rank config.lora_rank on q,k,v,o,gate,up,down) and train it
+    with `config.loss`. The base weights stay frozen; adapter weights are float32 whatever the
     base dtype. `lm.model` is replaced by the returned PeftModel.
-
-    Returns:
-        (the PeftModel, training stats).
     """
-    from peft import LoraConfig
-
-    torch.manual_seed(config.seed)  # LoRA A matrices are randomly initialised
-    peft_config = LoraConfig(
-        r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-        target_modules=list(LORA_TARGETS), bias="none", task_type="CAUSAL_LM",
-    )
-    attach_lora(lm, peft_config, adapter_fp32=True)
-    model = lm.model
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    stats = _optimise(lambda ids: lm_loss(model, ids), params, chunks, config, seed=config.seed,
-                      desc=f"lora-r{config.lora_rank}")
-    model.eval()
-    lm.model = model
-    return model, stats
+    student = make_student(lm, "lora", config.lora_rank, chunks, seed=config.seed,
+                           lora_alpha=config.lora_alpha)
+    loss_fn = loss_function(student, config.loss, teacher and teacher.model, lm.device)
+    state = fit(student.params, loss_fn, chunks, fit_config(config, "lora"),
+                checkpoint=checkpoint, desc=f"lora-r{config.lora_rank}",
+                settings=_settings(lm, config, teacher))
+    student.model.eval()
+    return student.model, state
 
 
 def training_chunks(
@@ -288,6 +272,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compressed checkpoint folder (default: the default compressed model)")
     parser.add_argument("--data", default=str(DEFAULT_CALIB), help="JSONL (`text`) or text file")
     parser.add_argument("--out", required=True, help="output folder (bank or adapter)")
+    parser.add_argument("--kind", default=d.kind, choices=["shallow", "deep"],
+                        help="prompt kind (train-prompts)")
+    parser.add_argument("--loss", default=d.loss, choices=["lm", "kd", "mix"],
+                        help="lm: next-token loss; kd: KL from the teacher; mix: both")
+    parser.add_argument("--teacher", default=None,
+                        help="uncompressed teacher for kd/mix (default: the embedded original)")
+    parser.add_argument("--init", default=d.init, choices=["text", "vocab"])
     parser.add_argument("--lengths", default=",".join(map(str, d.prompt_lengths)),
                         help="comma list of prompt lengths, one prompt each (train-prompts)")
     parser.add_argument("--rank", type=int, default=d.lora_rank, help="LoRA rank (train-lora)")
@@ -296,18 +287,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training tokens per prompt (train-prompts) or for the adapter")
     parser.add_argument("--seq-len", type=int, default=d.seq_len)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--lr", type=float, default=None,
+                        help="default: shallow 3e-2, deep 1e-2, LoRA 2e-3")
+    parser.add_argument("--warmup", type=int, default=d.warmup)
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
     parser.add_argument("--clusters", action="store_true",
                         help="train prompt i on k-means cluster i of the data")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float32"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="checkpoint here every few minutes; a rerun resumes")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
 def _config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
-        lr=args.lr, weight_decay=args.weight_decay, total_tokens=args.total_tokens,
+        kind=args.kind, loss=args.loss, init=args.init, lr=args.lr, warmup=args.warmup,
+        weight_decay=args.weight_decay, total_tokens=args.total_tokens,
         seq_len=args.seq_len, batch_size=args.batch_size,
         prompt_lengths=tuple(int(x) for x in args.lengths.split(",")),
         lora_rank=args.rank, lora_alpha=args.lora_alpha, clusters=args.clusters, seed=args.seed,
@@ -317,34 +314,49 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     from idp_core.lab.artefacts import ensure_default_model
+    from idp_core.lab.objective import check_teacher
     from idp_core.model import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     config = _config(args)
     resolve_dtype(config.dtype)
+    if not Path(args.data).is_file():
+        raise SystemExit(f"idp {args.command}: training data {args.data} not found (pass --data)")
     source = Path(args.model) if args.model else ensure_default_model()
-    lm = load_model(source, dtype=config.dtype)
+    lm = load_model(source, dtype=config.dtype, device=args.device)
+    teacher = None
+    if config.loss != "lm":
+        teacher = load_model(args.teacher, dtype=config.dtype, device=args.device)
+        check_teacher(lm, teacher)
     out = Path(args.out)
+    checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+    if checkpoints is not None:
+        checkpoints.mkdir(parents=True, exist_ok=True)
     lora = args.command == "train-lora"
     num_runs = 1 if lora else len(config.prompt_lengths)
     chunks = training_chunks(lm.tokenizer, args.data, config, num_runs=num_runs)
     data = describe_data(args.data, num_samples=len(chunks), seq_len=config.seq_len)
     if not lora:
-        bank = train_prompts(lm, chunks, config, data=data)
+        bank = train_prompts(lm, chunks, config, data=data, teacher=teacher,
+                             checkpoint_dir=checkpoints)
         bank.save(out)
         for p in bank.training["prompts"]:
             print(f"{p['name']}: loss {p['initial_loss']:.3f} -> {p['final_loss']:.3f} "
-                  f"({p['tokens']} tokens, {p['wall_s']} s)")
+                  f"({p['tokens']} tokens, {p['tokens_per_s']} tokens/s, {p['wall_s']} s)")
         print(f"{bank.num_parameters} prompt parameters")
     else:
         fp = lm.fingerprint.to_dict()
-        model, stats = train_lora(lm, chunks, config)
+        model, state = train_lora(lm, chunks, config, teacher=teacher,
+                                  checkpoint=None if checkpoints is None
+                                  else checkpoints / "lora.pt")
         model.save_pretrained(out)  # adapter_model.safetensors + adapter_config.json
         (out / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
-        num_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        num_params = lora_parameters(model)
         meta = {
             "method": "lora",
+            "loss": config.loss,
+            "teacher": None if teacher is None else teacher.source,
             "config": config.to_dict(),
             "targets": list(LORA_TARGETS),
             "data": data,
@@ -352,11 +364,13 @@ def run(args: argparse.Namespace) -> int:
             "fingerprint": fp,
             "num_parameters": num_params,
             "library": {"peft": importlib.metadata.version("peft"), "torch": torch.__version__},
-            **stats.to_dict(),
+            **stats_dict(state, len(chunks)),
         }
-        (out / TRAIN_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        tmp = out / (TRAIN_FILE + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        tmp.replace(out / TRAIN_FILE)
         print(f"lora r{config.lora_rank}: loss {meta['initial_loss']:.3f} -> "
-              f"{meta['final_loss']:.3f} ({stats.tokens} tokens, {meta['wall_s']} s), "
-              f"{num_params} adapter parameters")
+              f"{meta['final_loss']:.3f} ({state.tokens} tokens, {meta['tokens_per_s']} "
+              f"tokens/s, {meta['wall_s']} s), {num_params} adapter parameters")
     print(out)
     return 0

@@ -11,17 +11,21 @@ from idp_core.bank import PromptBank
 from idp_core.config import TrainConfig
 from idp_core.lab.cli import main
 from idp_core.lab.data import DEFAULT_CALIB, load_chunks
+from idp_core.lab.objective import recovery_loss, student_logits
 from idp_core.lab.train import (
     cluster_chunks,
-    init_prompt,
-    lm_loss,
+    make_student,
     train_lora,
     train_prompt,
     train_prompts,
 )
 
-FAST = TrainConfig(lr=3e-2, total_tokens=8 * 4 * 32, seq_len=32, batch_size=4,
+FAST = TrainConfig(lr=3e-2, warmup=0, total_tokens=8 * 4 * 32, seq_len=32, batch_size=4,
                    prompt_lengths=(3, 5), dtype="float32")
+
+
+def lm_loss(model, ids, prompt=None):
+    return recovery_loss("lm", student_logits(model, ids, prompt), ids, None)
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +40,10 @@ def snapshot(model):
 def test_prompt_training_lowers_loss_and_changes_only_the_prompt(chunks):
     lm = tiny_llama(seed=5)
     before = snapshot(lm.model)
+    start = make_student(lm, "shallow", 4, chunks, seed=0).prompt.detach()
     prompt, stats = train_prompt(lm, chunks, 4, FAST, seed=0)
     assert prompt.shape == (4, lm.model.config.hidden_size) and not prompt.requires_grad
-    assert stats.steps == 8 and stats.tokens == 8 * 4 * 32 and len(stats.losses) == 8
-    g = torch.Generator().manual_seed(0)
-    start = init_prompt(lm.model.get_input_embeddings().weight, 4, generator=g)
+    assert stats.step == 8 and stats.tokens == 8 * 4 * 32 and len(stats.losses) == 8
     with torch.no_grad():
         assert lm_loss(lm.model, chunks, prompt) < lm_loss(lm.model, chunks, start) - 0.05
     after = snapshot(lm.model)
@@ -48,16 +51,27 @@ def test_prompt_training_lowers_loss_and_changes_only_the_prompt(chunks):
     assert all(not p.requires_grad for p in lm.model.parameters())
 
 
-def test_prompt_loss_matches_a_plain_forward(chunks):
+def test_lm_loss_matches_the_models_own_loss(chunks):
     lm = tiny_llama(seed=5)
-    prompt = torch.randn(3, lm.model.config.hidden_size)
     ids = chunks[:2]
-    x = torch.cat([prompt.expand(2, -1, -1), lm.model.get_input_embeddings()(ids)], dim=1)
-    logits = lm.model(inputs_embeds=x).logits[:, 2:-1]  # positions that predict ids[:, 0:]
-    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
-    torch.testing.assert_close(lm_loss(lm.model, ids, prompt), want, rtol=1e-5, atol=1e-5)
-    want_plain = lm.model(input_ids=ids, labels=ids).loss
-    torch.testing.assert_close(lm_loss(lm.model, ids), want_plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lm_loss(lm.model, ids), lm.model(input_ids=ids, labels=ids).loss,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_deep_bank_trained_by_distillation(chunks, tmp_path):
+    """A deep prompt trained towards a teacher: KL falls, the bank is deep and round-trips."""
+    lm, teacher = tiny_llama(seed=5), tiny_llama(seed=6)
+    config = TrainConfig(**{**FAST.to_dict(), "kind": "deep", "loss": "kd", "lr": 1e-2,
+                            "prompt_lengths": (3,)})
+    bank = train_prompts(lm, chunks, config, teacher=teacher, checkpoint_dir=tmp_path)
+    assert bank.kind == "deep" and bank.names == ["pd0-L3"] and bank.lengths == [3]
+    curve = bank.training["prompts"][0]["loss_curve"]
+    assert curve[-1] < curve[0] and bank.training["loss"] == "kd"
+    assert (tmp_path / "pd0-L3.pt").is_file()
+    loaded = PromptBank.load(bank.save(tmp_path / "bank"))
+    torch.testing.assert_close(loaded.prompts[0], bank.prompts[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        train_prompts(lm, chunks, config)
 
 
 def test_bank_training_round_trips(chunks, tmp_path):
@@ -94,7 +108,7 @@ def test_lora_changes_only_adapter_weights_and_reloads_unmerged(chunks, tmp_path
     with torch.no_grad():
         loss0 = lm_loss(lm.model, chunks)
     model, stats = train_lora(lm, chunks, FAST)
-    assert stats.steps == 8 and lm.model is model
+    assert stats.step == 8 and lm.model is model
     with torch.no_grad():
         assert lm_loss(model, chunks) < loss0
     changed = set()
@@ -138,7 +152,8 @@ def test_cli_trains_bank_and_adapter(tmp_path):
     ("kwargs", "field"),
     [({"lr": 0}, "lr"), ({"weight_decay": -1}, "weight_decay"), ({"prompt_lengths": ()},
      "prompt_lengths"), ({"lora_rank": 0}, "lora_rank"), ({"dtype": "int8"}, "dtype"),
-     ({"total_tokens": 10}, "total_tokens")],
+     ({"total_tokens": 10}, "total_tokens"), ({"kind": "wide"}, "kind"),
+     ({"loss": "l2"}, "loss"), ({"init": "zeros"}, "init"), ({"warmup": -1}, "warmup")],
 )
 def test_train_config_errors(kwargs, field):
     with pytest.raises(ValueError, match=field):
