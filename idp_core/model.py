@@ -162,6 +162,10 @@ def load_model(
                 from transformers import CompressedTensorsConfig
 
                 kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
+                # Dequantize in float32, then round once to the serving dtype: the bf16 weights
+                # are then the nearest bf16 values, and a float32 and a bf16 load share one
+                # fingerprint (a bank trained on either matches both).
+                kwargs["dtype"] = torch.float32
                 dequantized = True
         elif method == "gptq":
             kind = "gptq"
@@ -174,7 +178,7 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=kwargs.get("gguf_file"))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(dev).eval().requires_grad_(False)
+    model.to(dev, torch_dtype).eval().requires_grad_(False)
     if dequantized:
         log.info("%s weights dequantized at load into dense %s tensors", kind, dtype)
     return LoadedModel(

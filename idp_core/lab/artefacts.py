@@ -47,10 +47,10 @@ def ensure_default_model(*, force: bool = False) -> Path:
 
 
 def check_default_bank(model_dir: Path = DEFAULT_MODEL_DIR, *, dtype: str = "bfloat16") -> bool:
-    """Warn unless the shipped bank was trained on exactly these weights, as loaded in `dtype`.
+    """Warn unless the shipped bank was trained on exactly these weights.
 
-    The bank was trained on the bfloat16 load (the serving default); a float32 load
-    dequantizes with other rounding and so has another fingerprint.
+    Compressed checkpoints are dequantized in float32 and then rounded to `dtype`, so a float32
+    and a bfloat16 load have one fingerprint.
     """
     from idp_core.model import load_model
 
