@@ -28,6 +28,7 @@ from idp_core.lab.data import DATA_DIR
 from idp_core.select import select_prompts
 
 TASKS_DIR = DATA_DIR / "tasks"
+SCIQ_FILE = DATA_DIR / "sciq" / "sciq_test.json"  # the ninth task, kept beside tasks/
 TARGET_DELIMITER = " "  # lm-eval's default between context and continuation / choice
 STOP = ("\n", ".", ",")  # lm-eval's triviaqa `until`
 MAX_GEN_TOKENS = 16  # TriviaQA answers here are clipped to 10 tokens
@@ -108,7 +109,8 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
 
 
 def task_name(path: Path) -> str:
-    return path.name.split(".")[0]  # "winogrande.sample.jsonl" -> "winogrande"
+    # "winogrande.sample.jsonl" -> "winogrande", "sciq_test.json" -> "sciq"
+    return path.name.split(".")[0].removesuffix("_test")
 
 
 def parse_record(record: dict[str, Any]) -> tuple[str, Item]:
@@ -117,7 +119,14 @@ def parse_record(record: dict[str, Any]) -> tuple[str, Item]:
         cont = TARGET_DELIMITER + record["continuation"]
         pairs = tuple((ctx, cont) for ctx in record["context_options"])
         return "partial", Item(pairs=pairs, gold=int(record["gold"]))
-    if "choices" in record or "endings" in record:  # ARC, PIQA, SciQ / HellaSwag
+    if "distractor1" in record:  # SciQ, as lm-evaluation-harness scores it
+        query = f"{record['support'].lstrip()}\nQuestion: {record['question']}\nAnswer:"
+        choices = [record["distractor1"], record["distractor2"], record["distractor3"],
+                   record["correct_answer"]]
+        pairs = tuple((query, TARGET_DELIMITER + c) for c in choices)
+        return "multiple_choice", Item(pairs=pairs, gold=3,
+                                       choice_chars=tuple(len(c) for c in choices))
+    if "choices" in record or "endings" in record:  # ARC, PIQA / HellaSwag
         choices = record.get("choices", record.get("endings"))
         gold = record.get("gold", record.get("label"))
         pairs = tuple((record["query"], TARGET_DELIMITER + c) for c in choices)
@@ -166,6 +175,8 @@ def load_task(path: str | Path, *, limit: int | None = None, seed: int = 1234) -
 def task_files(folder: str | Path = TASKS_DIR) -> list[Path]:
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.suffix in (".jsonl", ".json"))
+    if folder == TASKS_DIR and SCIQ_FILE.is_file():
+        files = sorted([*files, SCIQ_FILE], key=task_name)
     if not files:
         raise FileNotFoundError(f"no .jsonl/.json task files in {folder}")
     return files

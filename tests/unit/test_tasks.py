@@ -102,6 +102,11 @@ def test_parse_every_format():
     assert kind == "exact_match" and item.answers == ("A", "A", "Ay")
     kind, item = parse_record({"qId": "x", "qText": "who?", "answers": ["Bob"]})
     assert kind == "exact_match" and item.prompt == "Question: who?\nAnswer:"
+    kind, item = parse_record({"question": "Q?", "correct_answer": "gold", "distractor1": "a",
+                               "distractor2": "bb", "distractor3": "c", "support": " S."})
+    assert kind == "multiple_choice" and item.gold == 3  # lm-eval's SciQ: the answer last
+    assert item.pairs[3] == ("S.\nQuestion: Q?\nAnswer:", " gold")
+    assert item.choice_chars == (1, 2, 1, 4)
     with pytest.raises(ValueError, match="unrecognised"):
         parse_record({"foo": 1})
 
