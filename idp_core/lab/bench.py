@@ -26,6 +26,7 @@ from idp_core.bank import PromptBank
 from idp_core.build import build_engine
 from idp_core.config import AUTO, CONCAT, NONE, GenConfig
 from idp_core.generate import Engine, GenRequest
+from idp_core.kv import compute_prefix_kv
 from idp_core.lab.bench_render import TABLES, plot
 from idp_core.lab.data import load_wikitext2
 from idp_core.lab.provenance import machine
@@ -99,9 +100,22 @@ def build_variants(lm: LoadedModel, bank: PromptBank, lora_ranks: list[int],
     return variants
 
 
+def deep_variant(lm: LoadedModel, bank: PromptBank) -> Variant:
+    """The bank's longest prompt served as a deep prompt of the same length: its KV as a deep
+    bank (a shallow bank), or the prompt itself (a deep bank)."""
+    i = max(range(len(bank.names)), key=lambda j: bank.lengths[j])
+    name, prompt = bank.names[i], bank.prompts[i]
+    if bank.kind == "shallow":
+        kv = compute_prefix_kv(lm.model, prompt, name=name)
+        prompt = torch.stack([torch.stack(kv.keys), torch.stack(kv.values)]).float()
+    deep = PromptBank([name], [prompt], kind="deep")
+    return Variant(f"deep:{name}", build_engine(lm, bank=deep, check_fingerprint=False), name)
+
+
 def run_latency(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> dict[str, Any]:
     """Forward (selection + prefill of B x L) and generation of N new tokens, per variant."""
     variants = build_variants(lm, bank, args.lora_ranks, args.lora_fp32_ranks)
+    variants.append(deep_variant(lm, bank))
     records: list[dict[str, Any]] = []
     for seq_len in args.lengths:
         rows = input_rows(lm, args.batch, seq_len)

@@ -35,6 +35,7 @@ def test_bench_writes_json_table_and_plot(artefacts, tmp_path, which, extra):
         base = [r for r in result["records"] if r["variant"] == "none"]
         assert all(r["ratio_to_none"] == 1.0 for r in base)
         assert {r["lora"] for r in result["idp_over_lora"]} == {"lora-r2", "lora-r2-fp32"}
+        assert {r["variant"] for r in result["records"]} >= {"prompt:p1", "deep:p1"}
     if which == "profile":
         assert [r["variant"] for r in result["records"]] == ["none", "prompt:p1", "idp",
                                                              "lora-r2"]
