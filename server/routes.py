@@ -72,7 +72,7 @@ async def prompts(request: Request) -> dict[str, Any]:
     s = serving_state(request)
     counts = s.scheduler.selection_counts
     data = [] if s.bank is None else [
-        {"name": n, "length": length, "selected": counts.get(n, 0)}
+        {"name": n, "kind": s.bank.kind, "length": length, "selected": counts.get(n, 0)}
         for n, length in zip(s.bank.names, s.bank.lengths, strict=True)
     ]
     return {"object": "list", "data": data, "training": None if s.bank is None

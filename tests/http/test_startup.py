@@ -56,3 +56,33 @@ def test_sigterm_drains_in_flight_requests(artefacts):
     assert code == 0
     assert result["r"].status_code == 200
     assert result["r"].json()["usage"]["completion_tokens"] == 200
+
+
+def test_a_deep_bank_is_served_and_listed(tmp_path, artefacts):
+    """A deep bank (per-layer keys and values) starts like a shallow one: /v1/prompts lists it,
+    IDP picks from it, and a named prompt answers what the engine in-process answers."""
+    from tiny import random_deep_bank
+
+    from idp_core.build import build_engine
+    from idp_core.config import GenConfig
+    from idp_core.generate import GenRequest
+    from idp_core.model import load_model
+
+    lm = load_model(artefacts["model"], dtype="float32")
+    bank = random_deep_bank(lm, (4, 6))
+    bank.save(tmp_path / "deep")
+    srv = RemoteServer("--model", str(artefacts["model"]), "--bank", str(tmp_path / "deep"))
+    try:
+        listed = httpx.get(srv.url + "/v1/prompts").json()
+        assert [(p["name"], p["kind"]) for p in listed["data"]] == [("d0", "deep"), ("d1", "deep")]
+        ids = lm.tokenizer("hello deep", add_special_tokens=False)["input_ids"]
+        body = {"prompt": ids, "max_tokens": 6, "temperature": 0}
+        auto = httpx.post(srv.url + "/v1/completions", json=body).json()["choices"][0]
+        assert auto["prompt_used"] in ("d0", "d1")
+        named = httpx.post(srv.url + "/v1/completions",
+                           json={**body, "prompt_selection": "d1"}).json()["choices"][0]
+        want = build_engine(lm, bank=bank).generate(
+            [GenRequest(ids, GenConfig(max_tokens=6), "d1")])[0]
+        assert named["text"] == want.text and named["prompt_used"] == "d1"
+    finally:
+        srv.stop()
