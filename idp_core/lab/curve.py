@@ -246,6 +246,51 @@ def bootstrap(base: list[float], method: list[float], target: list[float], *, pe
             draws[int(0.025 * num)], draws[int(0.975 * num) - 1])
 
 
+def bootstrap_difference(base: list[float], a: list[float], b: list[float], target: list[float],
+                         *, perplexity: bool, num: int = 1000,
+                         seed: int = 0) -> tuple[float, float, float]:
+    """(estimate, 2.5 %, 97.5 %) of share(a) - share(b), the same windows resampled for both."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(base)
+    idx = torch.randint(0, n, (num, n), generator=g).tolist()
+
+    def diff(r: list[int]) -> float:
+        pick = lambda xs: [xs[i] for i in r]  # noqa: E731
+        return (share(pick(base), pick(a), pick(target), perplexity=perplexity)
+                - share(pick(base), pick(b), pick(target), perplexity=perplexity))
+    draws = sorted(diff(r) for r in idx)
+    return diff(list(range(n))), draws[int(0.025 * num)], draws[int(0.975 * num) - 1]
+
+
+def comparisons(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each prompt method against each LoRA method of the same loss, at their last common
+    milestone: differences of gap shares (prompt - LoRA) with paired bootstrap CIs."""
+    base, teacher = record["baselines"]["compressed"], record["baselines"]["teacher"]
+    mixed = [s for s in base if s != "wikitext2"]
+    methods = record.get("methods", {})
+    out = []
+    for a, ea in methods.items():
+        for b, eb in methods.items():
+            if ea["family"] == "lora" or eb["family"] != "lora" or ea["loss"] != eb["loss"]:
+                continue
+            common = sorted({m["tokens"] for m in ea["milestones"]} &
+                            {m["tokens"] for m in eb["milestones"]})
+            if not common:
+                continue
+            ma = next(m for m in ea["milestones"] if m["tokens"] == common[-1])["scores"]
+            mb = next(m for m in eb["milestones"] if m["tokens"] == common[-1])["scores"]
+            row = {"a": a, "b": b, "tokens": common[-1]}
+            for label, group in (("wikitext2", ["wikitext2"]), ("mixed", mixed)):
+                for key, ppl in (("nll", True), ("kl", False)):
+                    target = (pooled(teacher, "nll", group) if ppl
+                              else [0.0] * len(pooled(base, "kl", group)))
+                    row[f"{label}_{'ppl' if ppl else 'kl'}"] = bootstrap_difference(
+                        pooled(base, key, group), pooled(ma, key, group),
+                        pooled(mb, key, group), target, perplexity=ppl)
+            out.append(row)
+    return out
+
+
 def pooled(scores: dict[str, dict[str, list[float]]], key: str, sets: list[str]) -> list[float]:
     return [x for s in sets for x in scores[s][key]]
 
@@ -321,6 +366,16 @@ def render(record: dict[str, Any], out: Path) -> None:
             f"{r['tokens_per_s']:.0f} | {r['wikitext2_ppl']:.2f} | "
             f"{pct(r['wikitext2_ppl_share'])} | {pct(r['wikitext2_kl_share'])} | "
             f"{r['mixed_ppl']:.2f} | {pct(r['mixed_ppl_share'])} | {pct(r['mixed_kl_share'])} |")
+    pairs = comparisons(record)
+    if pairs:
+        lines += ["", "Prompt minus LoRA at equal objective and tokens (percentage points of each "
+                  "gap; paired bootstrap 95 % CI over windows):", "",
+                  "| prompt | LoRA | tokens | WT2 PPL gap | WT2 KL gap | mixed PPL gap | "
+                  "mixed KL gap |", "|---|---|---|---|---|---|---|"]
+        for r in pairs:
+            lines.append(f"| {r['a']} | {r['b']} | {r['tokens']:,} | {pct(r['wikitext2_ppl'])} "
+                         f"| {pct(r['wikitext2_kl'])} | {pct(r['mixed_ppl'])} | "
+                         f"{pct(r['mixed_kl'])} |")
     (out / "curve.md").write_text("\n".join(lines) + "\n")
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))

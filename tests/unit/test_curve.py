@@ -6,7 +6,14 @@ import math
 import pytest
 from tiny import byte_tokenizer
 
-from idp_core.lab.curve import Method, bootstrap, share, split_sources, training_chunks
+from idp_core.lab.curve import (
+    Method,
+    bootstrap,
+    bootstrap_difference,
+    share,
+    split_sources,
+    training_chunks,
+)
 
 
 def test_gap_share_of_perplexity_and_kl():
@@ -16,6 +23,12 @@ def test_gap_share_of_perplexity_and_kl():
     est, lo, hi = bootstrap([0.4, 0.5, 0.3, 0.6], [0.1, 0.3, 0.1, 0.2], [0.0] * 4,
                             perplexity=False)
     assert lo <= est <= hi and est == pytest.approx(1 - 0.7 / 1.8)
+    same = bootstrap_difference([0.4, 0.5, 0.3], [0.1, 0.3, 0.2], [0.1, 0.3, 0.2], [0.0] * 3,
+                                perplexity=False)
+    assert same == (0.0, 0.0, 0.0)
+    est, lo, hi = bootstrap_difference([0.4, 0.5, 0.3], [0.1, 0.1, 0.1], [0.2, 0.2, 0.2],
+                                       [0.0] * 3, perplexity=False)
+    assert est == pytest.approx(0.25) and lo <= est <= hi
 
 
 def test_held_out_records_never_reach_training(tmp_path):
@@ -78,7 +91,7 @@ def test_curve_end_to_end_resumes_and_exports(tmp_path):
         lm.tokenizer.save_pretrained(tmp_path / name)
     _write_data(tmp_path / "data")
     args = ["curve", "--model", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
-            "--data", str(tmp_path / "data"), "--methods", "deep2-kd,shallow2-lm,lora2-mix",
+            "--data", str(tmp_path / "data"), "--methods", "deep2-kd,shallow2-lm,lora2-kd",
             "--seq-len", "16", "--batch-size", "2", "--windows", "2", "--wikitext-windows", "2",
             "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
     assert main([*args, "--milestones", "32,64"]) == 0
@@ -88,11 +101,12 @@ def test_curve_end_to_end_resumes_and_exports(tmp_path):
     assert [m["steps"] for m in deep["milestones"]] == [1, 2]
     assert set(deep["milestones"][0]["scores"]) == {"code", "news", "c4", "wikitext2"}
     assert deep["trainable_parameters"] == 2 * 2 * 2 * 2 * 16  # k,v x layers x heads x n x D
-    assert (tmp_path / "out" / "curve.md").read_text().count("| deep2-kd |") == 2
+    assert (tmp_path / "out" / "curve.md").read_text().count("| deep2-kd | 256 |") == 2
     assert (tmp_path / "out" / "curve.png").stat().st_size > 1000
     bank = PromptBank.load(tmp_path / "work" / "deep2-kd-bank")
     assert bank.kind == "deep" and bank.training["tokens"] == 64
-    assert (tmp_path / "work" / "lora2-mix-adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "work" / "lora2-kd-adapter" / "adapter_config.json").is_file()
+    assert "| deep2-kd | lora2-kd | 64 |" in (tmp_path / "out" / "curve.md").read_text()
     assert main([*args, "--milestones", "32,64,96"]) == 0  # resumes each method from step 2
     record = json.loads((tmp_path / "out" / "curve.json").read_text())
     for entry in record["methods"].values():
