@@ -98,8 +98,10 @@ def deep_prefix_kv(model: PreTrainedModel, prompt: Tensor, *, name: str) -> Pref
     """A deep prompt [2, layers, Hkv, n, D] as resident KV in the model's dtype and device."""
     param = next(model.parameters())
     kv = prompt.to(param.device, param.dtype)
-    return PrefixKV(name, tuple(k.contiguous() for k in kv[0]),
-                    tuple(v.contiguous() for v in kv[1]))
+    keys, values = tuple(k.contiguous() for k in kv[0]), tuple(v.contiguous() for v in kv[1])
+    if param.device.type == "cpu" and torch.cuda.is_available():  # as compute_prefix_kv
+        keys, values = tuple(k.pin_memory() for k in keys), tuple(v.pin_memory() for v in values)
+    return PrefixKV(name, keys, values)
 
 
 def rotate_keys(model: PreTrainedModel, keys: Tensor, shift: int) -> Tensor:
