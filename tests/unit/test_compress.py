@@ -130,3 +130,18 @@ def test_perplexity_through_engine_equals_plain_forward(tiny, tiny_bank, tiny_st
     prefix = {"none": None, "p1": tiny_bank.prompts[1], "concat": torch.cat(tiny_bank.prompts)}
     want = reference_perplexity(tiny, ids, seq_len=40, max_windows=6, prefix=prefix[selection])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+
+
+def test_self_generated_calibration_is_seeded_model_text():
+    """Data-free calibration: rows start at BOS, are sampled by the model (seed per row), and
+    the same call gives the same tokens; a tokenizer without BOS is refused."""
+    from idp_core.lab.compress import self_generated_chunks
+
+    lm = tiny_llama(seed=3)
+    with pytest.raises(ValueError, match="no BOS token"):
+        self_generated_chunks(lm, num_samples=2, seq_len=8)
+    lm.tokenizer.bos_token = lm.tokenizer.eos_token
+    chunks = self_generated_chunks(lm, num_samples=3, seq_len=8)
+    assert chunks.shape == (3, 8) and chunks[:, 0].tolist() == [lm.tokenizer.bos_token_id] * 3
+    assert torch.equal(chunks, self_generated_chunks(lm, num_samples=3, seq_len=8))
+    assert len({tuple(r) for r in chunks[:, 1:].tolist()}) == 3  # one seed per row
