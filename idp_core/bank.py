@@ -29,11 +29,21 @@ WEIGHTS_FILE = "bank.safetensors"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 2  # 2 added `kind`; format-1 banks are shallow and keep loading
 KINDS = ("shallow", "deep")
+RULES = ("attention", "centroid")  # how `auto` picks a prompt (idp_core/select.py)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
 class BankError(ValueError):
     """A bank that cannot be used: the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Centroids:
+    """Routing data of the centroid rule: one unit vector per prompt, in bank order, and the
+    mean feature of the routing data they were measured from (see select.routing_features)."""
+
+    center: Tensor  # [d]
+    vectors: Tensor  # [P, d]
 
 
 @dataclass
@@ -47,6 +57,10 @@ class PromptBank:
         training: free-form training metadata (data, tokens, steps, lr, loss curve, ...).
         kind: "shallow" or "deep".
         source: where the bank was loaded from (for error messages; "" if built in memory).
+        rule: the selection rule `auto` uses on this bank ("attention", the paper's, or
+            "centroid", which needs `centroids`).
+        centroids: routing data of the centroid rule (None if the bank has none).
+        routing: how the routing data was made (free-form, kept in the manifest).
     """
 
     names: list[str]
@@ -55,6 +69,9 @@ class PromptBank:
     training: dict[str, Any] = field(default_factory=dict)
     kind: str = "shallow"
     source: str = ""
+    rule: str = "attention"
+    centroids: Centroids | None = None
+    routing: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -63,6 +80,16 @@ class PromptBank:
             raise BankError(f"{len(self.names)} names for {len(self.prompts)} prompts")
         if not self.names:
             raise BankError("a bank needs at least one prompt")
+        if self.rule not in RULES:
+            raise BankError(f"unknown selection rule {self.rule!r}; known rules are {RULES}")
+        if self.rule == "centroid" and self.centroids is None:
+            raise BankError("selection rule 'centroid' needs centroids")
+        if self.centroids is not None:
+            c = self.centroids
+            if c.vectors.ndim != 2 or c.vectors.shape[0] != len(self.names) or \
+                    c.center.shape != c.vectors.shape[1:]:
+                raise BankError(f"centroids of shape {list(c.vectors.shape)} (center "
+                                f"{list(c.center.shape)}) do not fit {len(self.names)} prompts")
         if len(set(self.names)) != len(self.names):
             raise BankError(f"duplicate prompt names: {self.names}")
         for name, p in zip(self.names, self.prompts, strict=True):
@@ -122,6 +149,9 @@ class PromptBank:
             **self.layout,
             "num_parameters": self.num_parameters,
             "fingerprint": self.fingerprint,
+            "rule": self.rule,
+            "routing": {**self.routing, "names": self.names, "fingerprint": self.fingerprint}
+            if self.centroids is not None else None,
             "training": self.training,
         }
 
@@ -137,6 +167,9 @@ class PromptBank:
             f"prompt.{n}": p.detach().to("cpu", torch.float32).contiguous()
             for n, p in zip(self.names, self.prompts, strict=True)
         }
+        if self.centroids is not None:
+            tensors["routing.center"] = self.centroids.center.to("cpu", torch.float32)
+            tensors["routing.centroids"] = self.centroids.vectors.to("cpu", torch.float32)
         tmp = folder / (WEIGHTS_FILE + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "idp-bank"})
         tmp.replace(folder / WEIGHTS_FILE)
@@ -189,9 +222,23 @@ class PromptBank:
                     f"manifest says {list(want)}"
                 )
             prompts.append(p)
+        centroids, routing = None, manifest.get("routing") or {}
+        if routing:
+            # Routing data made for other prompts or another model is refused, not guessed at.
+            if routing.get("names") != names:
+                raise BankError(f"{manifest_path}: routing data is for prompts "
+                                f"{routing.get('names')}, the bank has {names}")
+            if routing.get("fingerprint") != manifest.get("fingerprint"):
+                raise BankError(f"{manifest_path}: routing data was made for another model")
+            if "routing.center" not in tensors or "routing.centroids" not in tensors:
+                raise BankError(f"{weights_path}: routing tensors missing")
+            centroids = Centroids(tensors["routing.center"], tensors["routing.centroids"])
         try:
             return cls(names, prompts, manifest.get("fingerprint"), manifest.get("training", {}),
-                       kind=kind, source=str(folder))
+                       kind=kind, source=str(folder), rule=manifest.get("rule", "attention"),
+                       centroids=centroids,
+                       routing={k: v for k, v in routing.items()
+                                if k not in ("names", "fingerprint")})
         except BankError as e:
             raise BankError(f"{manifest_path}: {e}") from e
 

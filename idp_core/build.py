@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from idp_core.bank import PromptBank
+from idp_core.bank import BankError, PromptBank
 from idp_core.config import SelectConfig
 from idp_core.generate import Engine
 from idp_core.kv import precompute_prompt_kv
@@ -53,6 +53,12 @@ def build_engine(
         return Engine(lm, None, select_config=select_config)
     if check_fingerprint:
         bank.check_model(lm.fingerprint, strict=strict_fingerprint, origin=origin)
+    if select_config.rule == "centroid" and bank.centroids is None:
+        raise BankError(f"{origin}: selection rule 'centroid' needs a bank with centroids "
+                        f"(made by `idp train-bank`)")
+    if bank.centroids is not None and bank.centroids.center.shape[0] != lm.fingerprint.hidden_size:
+        raise BankError(f"{origin}: centroids of size {bank.centroids.center.shape[0]}, "
+                        f"the model's embeddings have {lm.fingerprint.hidden_size}")
     t0 = time.perf_counter()
     store = precompute_prompt_kv(lm.model, bank)
     log.info("pinned KV of %d prompts (%s tokens, %.1f MB) in %.2f s", len(bank.names),

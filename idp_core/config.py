@@ -15,6 +15,9 @@ ScoreMode = Literal["mean", "sum"]
 AlignMode = Literal["start", "end"]
 
 
+SELECTION_RULES = ("bank", "attention", "centroid")
+
+
 @dataclass(frozen=True)
 class SelectConfig:
     """How IDP scores prompts in the first-layer attention pass.
@@ -28,13 +31,20 @@ class SelectConfig:
             positions). "start": prompt i at 0..n_i-1 and the input after the longest prompt,
             so shorter prompts sit further from the input than they do when served.
         query_chunk: input tokens processed per chunk, bounding the [B, H, chunk, T] buffer.
+        rule: "bank" (default) uses the rule the bank was made for; "attention" the
+            first-layer attention pass; "centroid" the nearest stored centroid of the input's
+            mean embedding (banks made by `idp train-bank`).
     """
 
     score: ScoreMode = "mean"
     align: AlignMode = "end"
     query_chunk: int = 256
+    rule: str = "bank"
 
     def __post_init__(self) -> None:
+        if self.rule not in SELECTION_RULES:
+            raise ValueError(f"SelectConfig.rule must be one of {SELECTION_RULES}, "
+                             f"got {self.rule!r}")
         if self.score not in ("mean", "sum"):
             raise ValueError(f"SelectConfig.score must be 'mean' or 'sum', got {self.score!r}")
         if self.align not in ("start", "end"):

@@ -122,6 +122,13 @@ class Engine:
         self.eos_ids = {*eos, *([tok.eos_token_id] if tok.eos_token_id is not None else [])}
         self.vocab_size = int(lm.model.config.vocab_size)
 
+    @property
+    def selection_rule(self) -> str | None:
+        """The rule `auto` uses here ("attention" or "centroid"; None without a bank)."""
+        if self.store is None:
+            return None
+        return self.store.rule if self.select_config.rule == "bank" else self.select_config.rule
+
     # ---- validation (callers check before queueing) -------------------------------------
     def prefix_length(self, selection: str) -> int:
         """Longest prefix a request with this selection can get (raises KeyError if unknown)."""

@@ -10,7 +10,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 from transformers.models.llama.modeling_llama import rotate_half
 
-from idp_core.bank import BankError, PromptBank
+from idp_core.bank import BankError, Centroids, PromptBank
 from idp_core.config import AUTO, CONCAT, NONE
 
 
@@ -37,6 +37,8 @@ class PromptKVStore:
         concat: KV of [P_1; ...; P_m] run as one prompt (the paper's concat baseline).
         layer0_keys: all prompts' layer-0 keys side by side, for the selection pass.
         segment: [N] index of the prompt each column of layer0_keys belongs to.
+        rule: the bank's selection rule ("attention" or "centroid").
+        centroids: the bank's routing data for the centroid rule (None if it has none).
     """
 
     names: tuple[str, ...]
@@ -44,6 +46,8 @@ class PromptKVStore:
     concat: PrefixKV
     layer0_keys: Tensor  # [Hkv, N, D], N = sum n_i
     segment: Tensor  # [N]
+    rule: str = "attention"
+    centroids: Centroids | None = None
 
     @property
     def lengths(self) -> list[int]:
@@ -157,7 +161,8 @@ def precompute_prompt_kv(model: PreTrainedModel, bank: PromptBank) -> PromptKVSt
     segment = torch.repeat_interleave(
         torch.arange(len(prompts)), torch.tensor([p.length for p in prompts])
     ).to(layer0.device)
-    return PromptKVStore(tuple(bank.names), prompts, concat, layer0, segment)
+    return PromptKVStore(tuple(bank.names), prompts, concat, layer0, segment, bank.rule,
+                         bank.centroids)
 
 
 def stack_prefixes(

@@ -25,6 +25,7 @@ from transformers.models.llama.modeling_llama import (
     rotate_half,
 )
 
+from idp_core.bank import Centroids
 from idp_core.config import SelectConfig
 from idp_core.kv import PromptKVStore
 
@@ -38,11 +39,6 @@ class Selection:
     seconds: float  # wall time of the pass
 
 
-def position_offset(store: PromptKVStore) -> int:
-    """First position of the input in the selection pass (see module docstring)."""
-    return max(store.lengths)
-
-
 @torch.inference_mode()
 def select_prompts(
     model: PreTrainedModel,
@@ -51,55 +47,87 @@ def select_prompts(
     attention_mask: Tensor,  # [B, T], 1 for real tokens
     config: SelectConfig = SelectConfig(),
 ) -> Selection:
-    """Score every prompt of `store` for every row with layer 0's attention only.
+    """Pick a prompt of `store` for every row by the configured rule.
+
+    The rule is `config.rule`, or the bank's own (`store.rule`) when that is "bank":
+    "attention" scores prompts with layer 0's attention (`attention_scores`), "centroid" by
+    the cosine of the input's mean embedding to each prompt's stored centroid
+    (`centroid_scores`).
 
     Args:
         model: the served causal LM (Llama-family attention: q/k projections, RoPE, GQA).
-        store: resident prompt KV; only its layer-0 keys are read.
+        store: resident prompt KV (and the bank's centroids, for the centroid rule).
         input_ids: [B, T] token ids, padding on the right.
         attention_mask: [B, T] 1 for tokens, 0 for padding; every row has at least one token.
-        config: scoring rule and query chunk size.
+        config: rule, scoring and query chunk size.
 
     Returns:
         Selection with the argmax prompt per row and the [B, P] scores.
     """
     start = time.perf_counter()
+    rule = store.rule if config.rule == "bank" else config.rule
+    if rule == "centroid":
+        if store.centroids is None:
+            raise ValueError("the centroid rule needs a bank with centroids (idp train-bank)")
+        scores = centroid_scores(model, store.centroids, input_ids, attention_mask)
+    else:
+        scores = attention_scores(model, store.layer0_keys, store.lengths, input_ids,
+                                  attention_mask, config)
+    return Selection(scores.argmax(dim=-1), scores, time.perf_counter() - start)
+
+
+def centroid_scores(model: PreTrainedModel, centroids: Centroids, input_ids: Tensor,
+                    attention_mask: Tensor) -> Tensor:
+    """[B, P] cosine of each row's routing feature (`routing_features`) to each centroid."""
+    feats = routing_features(model, input_ids, attention_mask, centroids.center)
+    return feats @ centroids.vectors.to(feats.device).float().T
+
+
+def routing_features(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor,
+                     center: Tensor) -> Tensor:
+    """[B, d] unit vectors: the mean input embedding of each row's real tokens, minus `center`
+    (the mean over the routing data), normalised."""
+    embeds = model.get_input_embeddings()(input_ids).float()  # [B, T, d]
+    valid = attention_mask.to(embeds.device, embeds.dtype)[..., None]
+    mean = (embeds * valid).sum(1) / valid.sum(1).clamp(min=1)
+    return torch.nn.functional.normalize(mean - center.to(mean.device).float(), dim=-1)
+
+
+def attention_scores(
+    model: PreTrainedModel,
+    layer0_keys: Tensor,  # [Hkv, N, D], every prompt's layer-0 keys side by side
+    lengths: list[int],
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    config: SelectConfig = SelectConfig(),
+) -> Tensor:
+    """[B, P] the paper's scores: the attention the input pays to each prompt in layer 0.
+
+    Differentiable in `layer0_keys` (routing training fits them through this function).
+    """
     base = model.base_model
-    layer = base.layers[0]
-    attn = layer.self_attn
     cfg = model.config
-    num_heads, num_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = attn.head_dim
+    groups = cfg.num_attention_heads // cfg.num_key_value_heads
     batch, seq = input_ids.shape
     device = input_ids.device
-
-    hidden = layer.input_layernorm(base.embed_tokens(input_ids))  # [B, T, d]
-    q = attn.q_proj(hidden).view(batch, seq, -1, head_dim)
-    k = attn.k_proj(hidden).view(batch, seq, -1, head_dim)
-    if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms before RoPE
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, Hq, T, D], [B, Hkv, T, D]
-    offset = position_offset(store)
-    positions = torch.arange(offset, offset + seq, device=device).expand(batch, seq)
-    cos, sin = base.rotary_emb(hidden, positions)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    q = q.float() * attn.scaling
-    k_self = repeat_kv(k.float(), num_heads // num_kv)  # [B, Hq, T, D]
-    num_prompts = len(store.prompts)
-    lengths = torch.tensor(store.lengths, device=device, dtype=torch.float32)
-    k_prompts = store.layer0_keys[None].to(device).float()  # [1, Hkv, N, D] at 0..n_i-1
+    offset = max(lengths)  # the input sits right after the longest prompt (module docstring)
+    q, k = layer0_qk(model, input_ids, offset)
+    k_self = repeat_kv(k, groups)  # [B, Hq, T, D]
+    lens = torch.tensor(lengths, device=device)
+    k_prompts = layer0_keys[None].to(device).float()  # [1, Hkv, N, D] at 0..n_i-1
     if config.align == "end":  # rotate prompt i's keys by n_max - n_i (RoPE composes)
-        shift = (offset - lengths.long())[store.segment.to(device)][None]  # [1, N]
+        segment = torch.repeat_interleave(torch.arange(len(lengths), device=device), lens)
+        shift = (offset - lens)[segment][None]  # [1, N]
         cos_s, sin_s = base.rotary_emb(k_prompts, shift)  # [1, N, D]
         k_prompts = k_prompts * cos_s[:, None] + rotate_half(k_prompts) * sin_s[:, None]
-    k_prompts = repeat_kv(k_prompts, num_heads // num_kv)
-    ends = list(itertools.accumulate(store.lengths))
+    k_prompts = repeat_kv(k_prompts, groups)
+    ends = list(itertools.accumulate(lengths))
     bounds = list(zip([0, *ends[:-1]], ends, strict=True))  # prompt i's columns in k_prompts
     valid = attention_mask.to(device).bool()  # [B, T]
     # Right padding: a real token t sees only keys <= t, all real, so plain causal is exact for
     # every row; padding queries are dropped by `valid` below.
-    lse_self = causal_logsumexp(q, k_self, chunk=config.query_chunk)  # [B, Hq, T]
-    totals = torch.zeros(batch, num_prompts, device=device)
+    lse_self = causal_logsumexp(q.detach(), k_self.detach(), chunk=config.query_chunk)
+    totals = []
     for t0 in range(0, seq, config.query_chunk):
         t1 = min(seq, t0 + config.query_chunk)
         to_prompts = q[:, :, t0:t1] @ k_prompts.transpose(-1, -2)  # [B, Hq, C, N]
@@ -109,11 +137,28 @@ def select_prompts(
         lse = torch.logaddexp(torch.logsumexp(per_prompt, dim=-1), lse_self[:, :, t0:t1])
         per_prompt = torch.exp(per_prompt - lse[..., None])  # attention share of each prompt
         if config.score == "mean":
-            per_prompt = per_prompt / lengths  # per prompt token
+            per_prompt = per_prompt / lens.float()  # per prompt token
         per_prompt = per_prompt.mean(dim=1) * valid[:, t0:t1, None]  # [B, C, P]
-        totals += per_prompt.sum(dim=1)
-    scores = totals / valid.sum(dim=1, keepdim=True).clamp(min=1)
-    return Selection(scores.argmax(dim=-1), scores, time.perf_counter() - start)
+        totals.append(per_prompt.sum(dim=1))
+    return torch.stack(totals).sum(0) / valid.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+def layer0_qk(model: PreTrainedModel, input_ids: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+    """Layer 0's queries [B, Hq, T, D] (float32, attention scale folded in) and keys
+    [B, Hkv, T, D] (float32) of the input at positions offset..offset+T-1, after RoPE."""
+    base = model.base_model
+    attn = base.layers[0].self_attn
+    batch, seq = input_ids.shape
+    hidden = base.layers[0].input_layernorm(base.embed_tokens(input_ids))  # [B, T, d]
+    q = attn.q_proj(hidden).view(batch, seq, -1, attn.head_dim)
+    k = attn.k_proj(hidden).view(batch, seq, -1, attn.head_dim)
+    if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms before RoPE
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    positions = torch.arange(offset, offset + seq, device=input_ids.device).expand(batch, seq)
+    cos, sin = base.rotary_emb(hidden, positions)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q.float() * attn.scaling, k.float()
 
 
 def causal_logsumexp(q: Tensor, k: Tensor, *, chunk: int, fused: bool | None = None) -> Tensor:

@@ -82,7 +82,8 @@ def load_state(settings: Settings,
     mode = "lora" if settings.lora else "idp" if bank is not None else "none"
     engine = build_engine(lm, bank=bank, lora=settings.lora or None,
                           select_config=SelectConfig(score=settings.selection_score,
-                                                     align=settings.selection_align),
+                                                     align=settings.selection_align,
+                                                     rule=settings.selection_rule),
                           strict_fingerprint=settings.strict_fingerprint, origin=bank_dir or "")
     engine.generate([GenRequest([lm.tokenizer.eos_token_id or 0], GenConfig(max_tokens=2))])
     name = settings.served_model_name or lm.name

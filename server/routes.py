@@ -75,7 +75,9 @@ async def prompts(request: Request) -> dict[str, Any]:
         {"name": n, "kind": s.bank.kind, "length": length, "selected": counts.get(n, 0)}
         for n, length in zip(s.bank.names, s.bank.lengths, strict=True)
     ]
-    return {"object": "list", "data": data, "training": None if s.bank is None
+    return {"object": "list", "data": data,
+            "rule": None if s.bank is None else s.engine.selection_rule,
+            "training": None if s.bank is None
             else {k: v for k, v in s.bank.training.items() if k != "loss_curve"}}
 
 

@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
                    "`idp eval tasks`: task suite (ARC, PIQA, HellaSwag, ...) through the engine"),
     "report": ("idp_core.lab.report", "recovery grid: Table 1 Markdown, JSON and PNGs with CIs"),
     "curve": ("idp_core.lab.curve", "recovery curve: train methods, score them at milestones"),
+    "oracle": ("idp_core.lab.oracle",
+               "oracle analysis: each prompt on held-out text, headroom, what selection captures"),
+    "train-bank": ("idp_core.lab.specialise",
+                   "train a bank that specialises: one prompt per domain, plus routing data"),
     "build-default": ("idp_core.lab.artefacts",
                       "rebuild the default compressed model into .cache/"),
 }

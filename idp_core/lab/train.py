@@ -11,6 +11,7 @@ chunk; `init="vocab"` starts from random vocabulary rows instead.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -50,12 +51,14 @@ class Student:
 
 
 def make_student(lm: LoadedModel, method: str, size: int, chunks: Tensor, *, init: str = "text",
-                 seed: int = 0, lora_alpha: int | None = None) -> Student:
+                 seed: int = 0, lora_alpha: int | None = None,
+                 start: Tensor | None = None) -> Student:
     """A fresh student: a shallow or deep prompt of `size` tokens, or a LoRA of rank `size`.
 
-    A prompt starts from the first `size` tokens of a seeded-random training chunk (`init`
-    "text") or from `size` random vocabulary ids ("vocab"); a LoRA wraps `lm.model` (float32
-    adapter weights, peft's initialisation: B = 0, so it starts as the bare model).
+    A prompt starts from `start` (a trained prompt of that shape) if given, else from the first
+    `size` tokens of a seeded-random training chunk (`init` "text") or from `size` random
+    vocabulary ids ("vocab"); a LoRA wraps `lm.model` (float32 adapter weights, peft's
+    initialisation: B = 0, so it starts as the bare model).
     """
     if method == "lora":
         from peft import LoraConfig
@@ -65,6 +68,9 @@ def make_student(lm: LoadedModel, method: str, size: int, chunks: Tensor, *, ini
                                    target_modules=list(LORA_TARGETS), bias="none",
                                    task_type="CAUSAL_LM"), adapter_fp32=True)
         return Student(lm.model, None, [p for p in lm.model.parameters() if p.requires_grad])
+    if start is not None:
+        prompt = torch.nn.Parameter(start.float().to(lm.device).clone())
+        return Student(lm.model, prompt, [prompt])
     g = torch.Generator().manual_seed(seed)
     if init == "vocab":
         ids = torch.randint(0, lm.model.config.vocab_size, (size,), generator=g)
@@ -160,18 +166,24 @@ def cluster_chunks(lm: LoadedModel, chunks: Tensor, k: int, *, seed: int = 0) ->
 def train_prompt(
     lm: LoadedModel, chunks: Tensor, length: int, config: TrainConfig, *, seed: int,
     teacher: LoadedModel | None = None, checkpoint: Path | None = None, desc: str = "prompt",
+    start: Tensor | None = None,
 ) -> tuple[Tensor, FitState]:
     """Train one prompt of `config.kind` ([length, d] or [2, layers, Hkv, length, D]) alone on
-    `chunks` [N, T]; the model stays frozen. Resumes from `checkpoint` if it exists.
+    `chunks` [N, T]; the model stays frozen. Resumes from `checkpoint` if it exists. `start`:
+    a trained prompt to continue from instead of a fresh one.
 
     Returns:
         (the trained prompt, float32 on CPU; the run's state).
     """
-    student = make_student(lm, config.kind, length, chunks, init=config.init, seed=seed)
+    student = make_student(lm, config.kind, length, chunks, init=config.init, seed=seed,
+                           start=start)
     loss_fn = loss_function(student, config.loss, teacher and teacher.model, lm.device)
+    started = None if start is None else hashlib.sha256(
+        start.float().cpu().numpy().tobytes()).hexdigest()
     state = fit(student.params, loss_fn, chunks, fit_config(config, config.kind),
                 checkpoint=checkpoint, desc=desc,
-                settings=_settings(lm, config, teacher, length=length, seed=seed))
+                settings=_settings(lm, config, teacher, length=length, seed=seed,
+                                   **({} if started is None else {"start": started})))
     return student.prompt.detach().float().cpu().clone(), state
 
 

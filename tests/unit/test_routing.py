@@ -1,0 +1,136 @@
+"""Routing: the centroid rule against the obvious computation, routing data in the bank (and
+its refusals), and routing-key training that makes the first-layer attention pass route."""
+
+import json
+
+import pytest
+import torch
+from tiny import random_bank, random_deep_bank
+
+from idp_core.bank import BankError, Centroids, PromptBank
+from idp_core.build import build_engine
+from idp_core.config import SelectConfig
+from idp_core.kv import precompute_prompt_kv
+from idp_core.lab.routing import (
+    RouteConfig,
+    choose_rule,
+    fit_centroids,
+    fit_routing_keys,
+    own_pick_rate,
+)
+from idp_core.select import attention_scores, select_prompts
+
+
+def centroid_reference(lm, centroids, row):
+    """Cosine of (mean embedding of the row's tokens - centre) to each centroid, row by row."""
+    embed = lm.model.get_input_embeddings().weight.detach().float()
+    mean = sum(embed[t] for t in row) / len(row)
+    feat = mean - centroids.center
+    feat = feat / feat.norm()
+    return torch.stack([feat @ v for v in centroids.vectors])
+
+
+def two_domains(seq=48, n=24, seed=0):
+    """Two kinds of text of the byte model: low bytes vs high bytes (random, separable)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randint(10, 80, (n, seq), generator=g)
+    high = torch.randint(150, 250, (n, seq), generator=g)
+    return [low, high]
+
+
+def with_centroids(bank, centroids, rule="centroid"):
+    return PromptBank(bank.names, bank.prompts, bank.fingerprint, bank.training, kind=bank.kind,
+                      rule=rule, centroids=centroids, routing={"feature": "test"})
+
+
+def test_centroid_rule_equals_reference(tiny, tiny_bank):
+    g = torch.Generator().manual_seed(4)
+    d = tiny.model.config.hidden_size
+    vectors = torch.nn.functional.normalize(torch.randn(3, d, generator=g), dim=-1)
+    centroids = Centroids(torch.randn(d, generator=g) * 0.01, vectors)
+    bank = with_centroids(tiny_bank, centroids)
+    store = precompute_prompt_kv(tiny.model, bank)
+    rows = [[5, 9, 23, 42, 7], [100, 3], [200]]
+    ids = torch.zeros(3, 5, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)], mask[b, : len(r)] = torch.tensor(r), 1
+    sel = select_prompts(tiny.model, store, ids, mask)  # rule "bank" -> the bank's: centroid
+    want = torch.stack([centroid_reference(tiny, centroids, r) for r in rows])
+    torch.testing.assert_close(sel.scores, want, atol=1e-5, rtol=1e-4)
+    assert sel.indices.tolist() == want.argmax(-1).tolist()
+    # the same store read by the attention rule gives the attention pass's scores
+    att = select_prompts(tiny.model, store, ids, mask, SelectConfig(rule="attention"))
+    plain = select_prompts(tiny.model, precompute_prompt_kv(tiny.model, tiny_bank), ids, mask)
+    torch.testing.assert_close(att.scores, plain.scores)
+
+
+def test_routing_data_round_trips_and_is_checked(tiny, tiny_bank, tmp_path):
+    centroids = fit_centroids(tiny.model, two_domains() + [two_domains(seed=1)[0]])
+    bank = with_centroids(tiny_bank, centroids)
+    bank.save(tmp_path / "b")
+    back = PromptBank.load(tmp_path / "b")
+    assert back.rule == "centroid" and back.routing == {"feature": "test"}
+    torch.testing.assert_close(back.centroids.vectors, centroids.vectors)
+    torch.testing.assert_close(back.centroids.center, centroids.center)
+
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    manifest["routing"]["names"] = ["p0", "p1", "other"]
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BankError, match="routing data is for prompts"):
+        PromptBank.load(tmp_path / "b")
+    manifest["routing"]["names"] = bank.names
+    manifest["routing"]["fingerprint"] = {**bank.fingerprint, "weights_sha256": "0" * 64}
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BankError, match="made for another model"):
+        PromptBank.load(tmp_path / "b")
+
+    with pytest.raises(BankError, match="do not fit 3 prompts"):
+        with_centroids(tiny_bank, Centroids(centroids.center, centroids.vectors[:2]))
+    with pytest.raises(BankError, match="needs centroids"):
+        with_centroids(tiny_bank, None)
+    with pytest.raises(BankError, match="needs a bank with centroids"):
+        build_engine(tiny, bank=tiny_bank, select_config=SelectConfig(rule="centroid"))
+
+
+def test_a_bank_of_one_prompt_is_always_picked(tiny):
+    bank = random_bank(tiny, (4,))
+    store = precompute_prompt_kv(tiny.model, bank)
+    ids = torch.tensor([[1, 2, 3], [250, 251, 252]])
+    assert select_prompts(tiny.model, store, ids, torch.ones_like(ids)).indices.tolist() == [0, 0]
+
+
+def test_routing_keys_make_the_attention_pass_route(tiny):
+    lm = tiny
+    train = two_domains(seed=0)
+    held = two_domains(seed=1)
+    bank = random_deep_bank(lm, (4, 4), seed=5)
+    before = own_pick_rate(lm.model, bank, held, "attention")
+    routed, losses = fit_routing_keys(lm.model, bank, train, RouteConfig(steps=150, lr=5e-2,
+                                                                         lengths=(8, 48)))
+    after = own_pick_rate(lm.model, routed, held, "attention")
+    assert sum(losses[-5:]) < sum(losses[:5])
+    assert after >= 0.95 > before or after == 1.0
+    # only the layer-0 keys moved
+    for old, new in zip(bank.prompts, routed.prompts, strict=True):
+        assert not torch.equal(old[0, 0], new[0, 0])
+        torch.testing.assert_close(old[1], new[1])
+        torch.testing.assert_close(old[0, 1:], new[0, 1:])
+    # the trained scores are the served selection's
+    store = precompute_prompt_kv(lm.model, routed)
+    ids = held[1][:3]
+    keys = torch.cat([p[0, 0] for p in routed.prompts], dim=1)
+    torch.testing.assert_close(
+        select_prompts(lm.model, store, ids, torch.ones_like(ids),
+                       SelectConfig(rule="attention")).scores,
+        attention_scores(lm.model, keys, routed.lengths, ids, torch.ones_like(ids)).detach())
+
+
+def test_choose_rule_measures_both(tiny):
+    bank = random_deep_bank(tiny, (4, 4), seed=5)
+    chunks = two_domains(seed=2)
+    bank = with_centroids(bank, fit_centroids(tiny.model, chunks), rule="attention")
+    rule, rates = choose_rule(tiny.model, bank, two_domains(seed=3))
+    assert set(rates) == {"attention", "centroid"}
+    assert rates["centroid"] == 1.0  # two separable kinds of bytes
+    assert rule == max(rates, key=lambda r: (rates[r], r == "attention"))
