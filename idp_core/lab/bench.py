@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from idp_core.bank import PromptBank
+from idp_core.bank import Centroids, PromptBank
 from idp_core.build import build_engine
 from idp_core.config import AUTO, CONCAT, NONE, GenConfig
 from idp_core.generate import Engine, GenRequest
@@ -161,12 +161,17 @@ def _idp_over_lora(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def synthetic_bank(lm: LoadedModel, lengths: list[int], seed: int = 0) -> PromptBank:
-    """Prompts made of random vocabulary embeddings (timing does not depend on their values)."""
+def synthetic_bank(lm: LoadedModel, lengths: list[int], seed: int = 0,
+                   rule: str = "attention") -> PromptBank:
+    """Prompts made of random vocabulary embeddings, and random centroids for the centroid
+    rule (timing does not depend on their values)."""
     emb = lm.model.get_input_embeddings().weight.detach().float()
     g = torch.Generator().manual_seed(seed)
     prompts = [emb[torch.randint(0, emb.shape[0], (n,), generator=g)] for n in lengths]
-    return PromptBank([f"s{i}" for i in range(len(lengths))], prompts)
+    vectors = torch.nn.functional.normalize(torch.randn(len(lengths), emb.shape[1], generator=g),
+                                            dim=-1)
+    return PromptBank([f"s{i}" for i in range(len(lengths))], prompts, rule=rule,
+                      centroids=Centroids(emb.mean(0), vectors))
 
 
 def run_selection(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> dict[str, Any]:
@@ -174,7 +179,8 @@ def run_selection(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -
     records = []
     for m in args.bank_sizes:
         lengths = [bank.lengths[i % len(bank.lengths)] for i in range(m)]
-        engine = build_engine(lm, bank=synthetic_bank(lm, lengths), check_fingerprint=False)
+        engine = build_engine(lm, bank=synthetic_bank(lm, lengths, rule=args.rule),
+                              check_fingerprint=False)
         for batch in args.batch_sizes:
             rows = input_rows(lm, batch, args.seq_len)
             reqs = [GenRequest(r, GenConfig(max_tokens=1)) for r in rows]
@@ -185,6 +191,7 @@ def run_selection(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -
                     total.append(seconds)
                     sel.append(out.seqs[0].selection_s)
             records.append({"bank_size": m, "batch": batch, "seq_len": args.seq_len,
+                            "rule": args.rule,
                             "selection_s": spread(sel), "request_s": spread(total),
                             "fraction": statistics.median(sel) / statistics.median(total)})
             log.info("m=%d B=%d: selection %.4f s of %.3f s", m, batch,
@@ -415,6 +422,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--bank-sizes", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--rule", default="attention", choices=["attention", "centroid"],
+                        help="selection rule timed by `selection`")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
 

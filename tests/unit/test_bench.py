@@ -18,6 +18,8 @@ def artefacts(tmp_path_factory):
     ("latency", ["--lengths", "8", "--generate-lengths", "8", "--new-tokens", "2",
                  "--lora-ranks", "2", "--lora-fp32-ranks", "2"]),
     ("selection", ["--seq-len", "8", "--batch-sizes", "1", "2", "--bank-sizes", "2", "3"]),
+    ("selection", ["--seq-len", "8", "--batch-sizes", "2", "--bank-sizes", "3",
+                   "--rule", "centroid"]),
     ("prefix", ["--seq-len", "8"]),
     ("profile", ["--seq-len", "8", "--lora-ranks", "2"]),
 ])
@@ -31,6 +33,9 @@ def test_bench_writes_json_table_and_plot(artefacts, tmp_path, which, extra):
     assert result["env"]["device"] == "cpu" and result["records"]
     assert (out / f"{which}.md").read_text().startswith("|")
     assert (out / f"{which}.png").stat().st_size > 1000
+    if which == "selection":
+        want = extra[extra.index("--rule") + 1] if "--rule" in extra else "attention"
+        assert {r["rule"] for r in result["records"]} == {want}
     if which == "latency":
         base = [r for r in result["records"] if r["variant"] == "none"]
         assert all(r["ratio_to_none"] == 1.0 for r in base)
