@@ -134,3 +134,29 @@ def test_choose_rule_measures_both(tiny):
     assert set(rates) == {"attention", "centroid"}
     assert rates["centroid"] == 1.0  # two separable kinds of bytes
     assert rule == max(rates, key=lambda r: (rates[r], r == "attention"))
+
+
+def test_train_bank_specialises_and_stores_its_routing(tiny, tmp_path):
+    """`idp train-bank`'s steps on a tiny model: one prompt per domain continuing from a given
+    prompt, then centroids, routing keys and the measured rule, all surviving save/load."""
+    from idp_core.config import TrainConfig
+    from idp_core.lab.specialise import add_routing, train_domain_prompts
+
+    start = random_deep_bank(tiny, (4,), seed=7).prompts[0]
+    low, high = two_domains(seq=24, n=20, seed=6)
+    config = TrainConfig(kind="deep", total_tokens=2 * 4 * 24, seq_len=24, batch_size=4,
+                         warmup=1)
+    bank = train_domain_prompts(tiny, {"low": low, "high": high}, config, length=4, start=start)
+    assert bank.names == ["low", "high"] and bank.kind == "deep"
+    assert [p["steps"] for p in bank.training["prompts"]] == [2, 2]
+    assert not torch.equal(bank.prompts[0], start) and not torch.equal(bank.prompts[0],
+                                                                       bank.prompts[1])
+    routed = add_routing(tiny, bank, [low, high], RouteConfig(steps=20, lengths=(8, 24)))
+    assert routed.routing["held_chunks"] == [4, 4]
+    assert set(routed.routing["validation_own_pick"]) == {"attention", "centroid"}
+    rates = routed.routing["validation_own_pick"]
+    assert routed.rule == max(rates, key=lambda r: (rates[r], r == "attention"))
+    routed.save(tmp_path / "b")
+    back = PromptBank.load(tmp_path / "b")
+    assert back.rule == routed.rule and back.routing["keys"]["steps"] == 20
+    torch.testing.assert_close(back.prompts[1], routed.prompts[1])
