@@ -66,8 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", default=None, help="LoRA adapter (default: the shipped one)")
     parser.add_argument("--methods", default=None,
                         help="comma list. eval: none, auto, auto-item, concat, prompt names, "
-                             "lora. report: uncompressed, compressed, prompt, concat, lora, idp, "
-                             "idp-item (default all)")
+                             "lora. report: uncompressed, compressed, prompt, prompt:NAME, "
+                             "concat, lora, idp, idp-item (default all)")
     parser.add_argument("--tasks-dir", default=str(TASKS_DIR))
     parser.add_argument("--tasks", default=None, help="comma list of task names (default all)")
     parser.add_argument("--limit", type=int, default=None, help="items per task (fixed subset)")
@@ -152,7 +152,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def report_methods(bank, requested: list[str] | None) -> list[tuple[str, str, str]]:
     """(row name, kind, engine selection) of the grid, in the paper's row order; `requested`
     filters by kind: uncompressed, compressed, prompt, concat, lora, idp, idp-item (IDP chosen
-    once per item instead of per request)."""
+    once per item instead of per request); `prompt:NAME` keeps only that prompt's row."""
     rows = [("uncompressed", "uncompressed", "none"), ("compressed", "compressed", "none")]
     if bank is not None:
         rows += [(f"+prompt {n} (L={L})", "prompt", n)
@@ -160,10 +160,12 @@ def report_methods(bank, requested: list[str] | None) -> list[tuple[str, str, st
     rows += [("+concat", "concat", "concat"), ("+LoRA", "lora", "none"), (IDP, "idp", "auto"),
              (f"{IDP} per item", "idp-item", "auto-item")]
     if requested:
-        unknown = set(requested) - {kind for _, kind, _ in rows}
+        named = {r.split(":", 1)[1] for r in requested if r.startswith("prompt:")}
+        unknown = set(requested) - {kind for _, kind, _ in rows} - {f"prompt:{n}" for n in named
+                                                                   if bank and n in bank.names}
         if unknown:
             raise ValueError(f"unknown --methods {sorted(unknown)}")
-        rows = [r for r in rows if r[1] in requested]
+        rows = [r for r in rows if r[1] in requested or (r[1] == "prompt" and r[2] in named)]
     return rows
 
 
@@ -179,8 +181,8 @@ def run_report(args: argparse.Namespace) -> int:
     raw_dir.mkdir(parents=True, exist_ok=True)
     bank_path, lora_path = Path(args.bank or DEFAULT_BANK), Path(args.lora or DEFAULT_LORA)
     requested = args.methods.split(",") if args.methods else None
-    needs_bank = requested is None or bool({"prompt", "concat", "idp", "idp-item"} &
-                                           set(requested))
+    needs_bank = requested is None or any(r.split(":")[0] in ("prompt", "concat", "idp",
+                                                              "idp-item") for r in requested)
     bank = PromptBank.load(bank_path) if needs_bank else None
     grid = report_methods(bank, requested)
     source = Path(args.model) if args.model else ensure_default_model()

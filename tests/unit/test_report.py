@@ -102,3 +102,13 @@ def test_report_end_to_end_resumes_only_with_same_settings(tmp_path, capsys):
     assert "run with other settings" in third and "== +IDP" in third
     assert '"arc_easy (n=3)"' in (out / "recovery.json").read_text() or \
         "arc_easy (n=3)" in (out / "recovery.md").read_text()
+
+
+def test_report_methods_can_name_one_prompt(tiny, tiny_bank):
+    from idp_core.lab.report import report_methods
+
+    rows = report_methods(tiny_bank, ["prompt:p1", "idp"])
+    assert [(kind, sel) for _, kind, sel in rows] == [("prompt", "p1"), ("idp", "auto")]
+    assert len(report_methods(tiny_bank, ["prompt"])) == 3
+    with pytest.raises(ValueError, match="prompt:nope"):
+        report_methods(tiny_bank, ["prompt:nope"])
