@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -25,6 +26,8 @@ import torch
 from idp_core.config import AUTO, NONE, GenConfig, SelectConfig
 from idp_core.generate import Engine, GenRequest
 from idp_core.select import select_prompts
+
+log = logging.getLogger(__name__)
 
 _SCORE_ONLY = GenConfig(max_tokens=0, echo=True, logprobs=0)
 
@@ -250,7 +253,10 @@ def analyse(scorer: Scorer, names: list[str], windows: dict[str, torch.Tensor],
     sources = [s for s, ws in windows.items() for _ in range(len(ws))]
     losses = {}
     for sel in [*names, *([NONE] if with_none else [])]:
+        t0 = time.perf_counter()
         losses[sel], _ = scorer(flat, sel)
+        log.info("%s: mean NLL %.4f over %d windows (%.0f s)", sel, _mean(losses[sel]),
+                 len(flat), time.perf_counter() - t0)
     auto_loss, served = scorer(flat, AUTO)
     picks = {"served": [str(p) for p in served]}
     if rule_picks is not None:

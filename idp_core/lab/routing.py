@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from idp_core.bank import Centroids, PromptBank
@@ -113,7 +114,8 @@ def _fit_keys(model: PreTrainedModel, bank: PromptBank, chunks: list[Tensor],
     rng = random.Random(config.seed)
     lengths = bank.lengths
     losses = []
-    for _ in range(config.steps):
+    bar = tqdm(range(config.steps), desc="routing keys", mininterval=5)
+    for _ in bar:
         seq = rng.choice(config.lengths)
         ids, labels = [], []
         for i, c in enumerate(chunks):
@@ -133,6 +135,7 @@ def _fit_keys(model: PreTrainedModel, bank: PromptBank, chunks: list[Tensor],
         loss.backward()
         opt.step()
         losses.append(round(loss.item(), 5))
+        bar.set_postfix(loss=losses[-1], refresh=False)
     prompts = []
     for p, k in zip(bank.prompts, keys, strict=True):
         p = p.clone()
