@@ -68,10 +68,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings, replicas = settings_from(args)
         replicas.check()  # before Ray: bad settings are refused in a second, with one line
+        from server.app import resolve_sources
+
+        resolve_sources(settings)
     except ValidationError as e:
         log.error("cannot start: %s", one_line(e))
         return 2
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         log.error("cannot start: %s", e)
         return 2
     try:

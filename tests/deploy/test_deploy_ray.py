@@ -143,3 +143,44 @@ def test_ray_prometheus_config() -> None:
                   if j["job_name"] == "ray"]
     assert ray_job["file_sd_configs"][0]["files"] == [
         "/tmp/ray/prom_metrics_service_discovery.json"]
+
+
+def _serve_ray(*args: str, hide_ray: bool = False) -> subprocess.CompletedProcess[str]:
+    """`idp serve-ray ARGS` in a subprocess; `hide_ray`: as if the extra were not installed."""
+    import sys
+
+    code = ("import sys; " + ("sys.modules['ray'] = None; " if hide_ray else "")
+            + "from idp_core.lab.cli import main; sys.exit(main(sys.argv[1:]))")
+    return subprocess.run([sys.executable, "-c", code, "serve-ray", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (("--min-replicas", "3", "--max-replicas", "2"), "max_replicas (2) is below min_replicas (3)"),
+    (("--min-replicas", "0"), "min_replicas must be at least 1, got 0"),
+    (("--target-ongoing-requests", "0"), "target_ongoing_requests must be above 0"),
+    (("--max-ongoing-requests", "4", "--target-ongoing-requests", "8"),
+     "max_ongoing_requests (4) is below target_ongoing_requests (8.0)"),
+    (("--max-replicas", "many"), "max_replicas: Input should be a valid integer"),
+    (("--model", "/nonexistent/model"), "model not found: /nonexistent/model"),
+])
+def test_settings_that_cannot_work_are_refused_with_one_line(args: tuple[str, ...],
+                                                             says: str) -> None:
+    out = _serve_ray(*args)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1 and says in lines[0], out.stderr
+
+
+def test_without_ray_one_line_names_the_extra_and_the_plain_server_needs_none() -> None:
+    out = _serve_ray(hide_ray=True)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert "pip install -e '.[ray]'" in lines[0]
+    import sys
+
+    plain = subprocess.run([sys.executable, "-c", (
+        "import sys; sys.modules['ray'] = None; import server.__main__, server.app, "
+        "server.routes, server.ray_proxy, server.ray_cli; from server.app import build_app; "
+        "from server.settings import Settings; build_app(Settings())")],
+        capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 0, plain.stderr
