@@ -41,7 +41,8 @@ def _openai_error(status: int, message: str) -> bytes:
 
 class OpenAIErrors:
     """Rewrites the proxy's own non-JSON error responses into OpenAI-shaped ones, answers 500
-    when nothing was sent, and closes a cut event stream with an error event."""
+    when nothing was sent, and closes a cut event stream with an error event (what the plain
+    server sends when a stream fails)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -57,8 +58,12 @@ class OpenAIErrors:
         async def guarded(message: Message) -> None:
             nonlocal start, held, started, ended, event_stream
             if message["type"] == "http.response.start":
+                # The app and the proxy both add x-request-id (the same id): send it once.
+                raw = message.get("headers", [])
+                ids = [i for i, (k, _) in enumerate(raw) if k.lower() == b"x-request-id"]
+                message["headers"] = [h for i, h in enumerate(raw) if i not in ids[1:]]
                 headers = {k.decode().lower(): v.decode("latin-1")
-                           for k, v in message.get("headers", [])}
+                           for k, v in message["headers"]}
                 ctype = headers.get("content-type", "")
                 event_stream = ctype.startswith("text/event-stream")
                 if message["status"] >= 400 and "json" not in ctype:
