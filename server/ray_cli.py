@@ -84,19 +84,23 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from ray import serve
 
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         start(settings, replicas)
     except (ValueError, FileNotFoundError) as e:
         log.error("cannot start: %s", e)
         return 2
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own
+        signal.signal(sig, lambda *_: stop.set())
     log.info("serving %s on http://%s:%d with %d-%d replicas", replicas.app_name, settings.host,
              settings.port, replicas.min_replicas, replicas.max_replicas)
     stop.wait()
     log.info("draining: in-flight requests finish (up to %.0f s), then Serve stops",
              settings.drain_timeout_s)
+    # Delete the application first: its replicas stop taking requests and finish their
+    # in-flight ones while the proxy still streams them back (serve.shutdown alone stops the
+    # proxy at once and cuts open streams).
+    serve.delete(replicas.app_name)
     serve.shutdown()
     log.info("drained and stopped")
     return 0
