@@ -262,8 +262,19 @@ def prometheus_sees_every_replica(cluster: Cluster, tmp: Path) -> None:
 
 @pytest.fixture(scope="module")
 def two_replicas(cluster: Cluster) -> Cluster:
-    cluster.deploy(min_replicas=2, max_replicas=2)
+    """Two replicas that each take at most 4 requests at a time, so 8 streams use both."""
+    cluster.deploy(min_replicas=2, max_replicas=2, max_ongoing_requests=4)
     wait_until("two replicas", lambda: running_replicas() == 2, timeout_s=60)
+    seen: set[str] = set()
+
+    def both_answer() -> bool:  # the proxy's router knows both (its table lags the controller)
+        streams = [Stream(cluster.url, max_tokens=16).start() for _ in range(6)]
+        for s in streams:
+            s.join()
+        seen.update(s.replica for s in streams if s.done)
+        return len(seen) == 2
+
+    wait_until("both replicas answering", both_answer, timeout_s=60, poll_s=0.5)
     return cluster
 
 
