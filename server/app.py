@@ -71,9 +71,13 @@ def default_model() -> Path:
     return paths.DEFAULT_MODEL_DIR
 
 
-def load_state(settings: Settings,
-               metrics_registry: CollectorRegistry | None = None) -> ServingState:
-    """Load the model once, pin the prompt KV, warm up, and start the engine thread."""
+def load_state(settings: Settings, metrics_registry: CollectorRegistry | None = None, *,
+               metrics_class: type[Metrics] = Metrics) -> ServingState:
+    """Load the model once, pin the prompt KV, warm up, and start the engine thread.
+
+    `metrics_class` is Metrics or a subclass that also exports elsewhere (a Ray Serve replica's
+    ReplicaMetrics, server/ray_app.py).
+    """
     model_source, bank_dir = resolve_sources(settings)
     bank = PromptBank.load(bank_dir) if bank_dir else None  # fast: fail before the model
     if model_source is None:
@@ -87,7 +91,7 @@ def load_state(settings: Settings,
                           strict_fingerprint=settings.strict_fingerprint, origin=bank_dir or "")
     engine.generate([GenRequest([lm.tokenizer.eos_token_id or 0], GenConfig(max_tokens=2))])
     name = settings.served_model_name or lm.name
-    metrics = Metrics(name, mode, metrics_registry)
+    metrics = metrics_class(name, mode, metrics_registry)
     scheduler = Scheduler(engine, metrics, max_batch_size=settings.max_batch_size,
                           max_batch_tokens=settings.max_batch_tokens,
                           max_queue=settings.max_queue,
@@ -97,11 +101,21 @@ def load_state(settings: Settings,
     return ServingState(lm, engine, scheduler, bank, name, mode, int(time.time()))
 
 
-def build_app(settings: Settings) -> FastAPI:
-    """The app; /health answers 503 until the background warm-up has finished."""
+def build_app(settings: Settings, *, state: ServingState | None = None) -> FastAPI:
+    """The app; /health answers 503 until the background warm-up has finished.
+
+    With `state` (already loaded, as a Ray Serve replica does before it takes traffic) there is
+    no warm-up: the app serves it at once and stops its scheduler on shutdown.
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if state is not None:
+            app.state.metrics, app.state.serving = state.scheduler.metrics, state
+            yield
+            state.scheduler.stop()
+            return
+
         def warm_up() -> None:
             try:
                 state = load_state(settings)

