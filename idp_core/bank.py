@@ -29,7 +29,8 @@ WEIGHTS_FILE = "bank.safetensors"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 2  # 2 added `kind`; format-1 banks are shallow and keep loading
 KINDS = ("shallow", "deep")
-RULES = ("attention", "centroid")  # how `auto` picks a prompt (idp_core/select.py)
+RULES = ("attention", "centroid", "linear")  # how `auto` picks a prompt (idp_core/select.py)
+ROUTER_RULES = ("centroid", "linear")  # rules that read a Router stored in the bank
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
@@ -38,12 +39,16 @@ class BankError(ValueError):
 
 
 @dataclass(frozen=True)
-class Centroids:
-    """Routing data of the centroid rule: one unit vector per prompt, in bank order, and the
-    mean feature of the routing data they were measured from (see select.routing_features)."""
+class Router:
+    """A rule on the input's mean embedding x (select.router_scores): scores =
+    f(x - center) @ weight.T + bias, with f the L2 normalisation (`normalize`; the centroid
+    rule: unit centroid rows, zero bias, so scores are cosines) or the identity (the linear
+    rule: a probe trained by cross-entropy on the prompts' own text)."""
 
     center: Tensor  # [d]
-    vectors: Tensor  # [P, d]
+    weight: Tensor  # [P, d]
+    bias: Tensor  # [P]
+    normalize: bool
 
 
 @dataclass
@@ -57,9 +62,9 @@ class PromptBank:
         training: free-form training metadata (data, tokens, steps, lr, loss curve, ...).
         kind: "shallow" or "deep".
         source: where the bank was loaded from (for error messages; "" if built in memory).
-        rule: the selection rule `auto` uses on this bank ("attention", the paper's, or
-            "centroid", which needs `centroids`).
-        centroids: routing data of the centroid rule (None if the bank has none).
+        rule: the selection rule `auto` uses on this bank: "attention" (the paper's), or
+            "centroid" / "linear", which read `routers[rule]`.
+        routers: routing data per rule (empty if the bank has none).
         routing: how the routing data was made (free-form, kept in the manifest).
     """
 
@@ -70,7 +75,7 @@ class PromptBank:
     kind: str = "shallow"
     source: str = ""
     rule: str = "attention"
-    centroids: Centroids | None = None
+    routers: dict[str, Router] = field(default_factory=dict)
     routing: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -82,14 +87,16 @@ class PromptBank:
             raise BankError("a bank needs at least one prompt")
         if self.rule not in RULES:
             raise BankError(f"unknown selection rule {self.rule!r}; known rules are {RULES}")
-        if self.rule == "centroid" and self.centroids is None:
-            raise BankError("selection rule 'centroid' needs centroids")
-        if self.centroids is not None:
-            c = self.centroids
-            if c.vectors.ndim != 2 or c.vectors.shape[0] != len(self.names) or \
-                    c.center.shape != c.vectors.shape[1:]:
-                raise BankError(f"centroids of shape {list(c.vectors.shape)} (center "
-                                f"{list(c.center.shape)}) do not fit {len(self.names)} prompts")
+        if self.rule != "attention" and self.rule not in self.routers:
+            raise BankError(f"selection rule {self.rule!r} needs its routing data")
+        for rule, r in self.routers.items():
+            if rule not in ROUTER_RULES:
+                raise BankError(f"routing data for unknown rule {rule!r}; known: {ROUTER_RULES}")
+            if r.weight.ndim != 2 or r.weight.shape[0] != len(self.names) or \
+                    r.center.shape != r.weight.shape[1:] or r.bias.shape != r.weight.shape[:1]:
+                raise BankError(f"{rule} routing data of shape {list(r.weight.shape)} (center "
+                                f"{list(r.center.shape)}, bias {list(r.bias.shape)}) does not "
+                                f"fit {len(self.names)} prompts")
         if len(set(self.names)) != len(self.names):
             raise BankError(f"duplicate prompt names: {self.names}")
         for name, p in zip(self.names, self.prompts, strict=True):
@@ -150,8 +157,9 @@ class PromptBank:
             "num_parameters": self.num_parameters,
             "fingerprint": self.fingerprint,
             "rule": self.rule,
-            "routing": {**self.routing, "names": self.names, "fingerprint": self.fingerprint}
-            if self.centroids is not None else None,
+            "routing": {**self.routing, "names": self.names, "fingerprint": self.fingerprint,
+                        "rules": {k: {"normalize": r.normalize} for k, r in self.routers.items()}}
+            if self.routers else None,
             "training": self.training,
         }
 
@@ -167,9 +175,9 @@ class PromptBank:
             f"prompt.{n}": p.detach().to("cpu", torch.float32).contiguous()
             for n, p in zip(self.names, self.prompts, strict=True)
         }
-        if self.centroids is not None:
-            tensors["routing.center"] = self.centroids.center.to("cpu", torch.float32)
-            tensors["routing.centroids"] = self.centroids.vectors.to("cpu", torch.float32)
+        for rule, r in self.routers.items():
+            for part in ("center", "weight", "bias"):
+                tensors[f"routing.{rule}.{part}"] = getattr(r, part).to("cpu", torch.float32)
         tmp = folder / (WEIGHTS_FILE + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "idp-bank"})
         tmp.replace(folder / WEIGHTS_FILE)
@@ -222,7 +230,7 @@ class PromptBank:
                     f"manifest says {list(want)}"
                 )
             prompts.append(p)
-        centroids, routing = None, manifest.get("routing") or {}
+        routers, routing = {}, dict(manifest.get("routing") or {})
         if routing:
             # Routing data made for other prompts or another model is refused, not guessed at.
             if routing.get("names") != names:
@@ -230,13 +238,15 @@ class PromptBank:
                                 f"{routing.get('names')}, the bank has {names}")
             if routing.get("fingerprint") != manifest.get("fingerprint"):
                 raise BankError(f"{manifest_path}: routing data was made for another model")
-            if "routing.center" not in tensors or "routing.centroids" not in tensors:
-                raise BankError(f"{weights_path}: routing tensors missing")
-            centroids = Centroids(tensors["routing.center"], tensors["routing.centroids"])
+            for rule, spec in (routing.pop("rules", None) or {}).items():
+                parts = [tensors.get(f"routing.{rule}.{p}") for p in ("center", "weight", "bias")]
+                if any(p is None for p in parts):
+                    raise BankError(f"{weights_path}: routing tensors of rule {rule!r} missing")
+                routers[rule] = Router(*parts, normalize=bool(spec.get("normalize")))
         try:
             return cls(names, prompts, manifest.get("fingerprint"), manifest.get("training", {}),
                        kind=kind, source=str(folder), rule=manifest.get("rule", "attention"),
-                       centroids=centroids,
+                       routers=routers,
                        routing={k: v for k, v in routing.items()
                                 if k not in ("names", "fingerprint")})
         except BankError as e:

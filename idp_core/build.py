@@ -53,12 +53,13 @@ def build_engine(
         return Engine(lm, None, select_config=select_config)
     if check_fingerprint:
         bank.check_model(lm.fingerprint, strict=strict_fingerprint, origin=origin)
-    if select_config.rule == "centroid" and bank.centroids is None:
-        raise BankError(f"{origin}: selection rule 'centroid' needs a bank with centroids "
-                        f"(made by `idp train-bank`)")
-    if bank.centroids is not None and bank.centroids.center.shape[0] != lm.fingerprint.hidden_size:
-        raise BankError(f"{origin}: centroids of size {bank.centroids.center.shape[0]}, "
-                        f"the model's embeddings have {lm.fingerprint.hidden_size}")
+    if select_config.rule in ("centroid", "linear") and select_config.rule not in bank.routers:
+        raise BankError(f"{origin}: selection rule {select_config.rule!r} needs a bank with its "
+                        f"routing data (made by `idp train-bank`)")
+    for rule, r in bank.routers.items():
+        if r.center.shape[0] != lm.fingerprint.hidden_size:
+            raise BankError(f"{origin}: {rule} routing data of size {r.center.shape[0]}, the "
+                            f"model's embeddings have {lm.fingerprint.hidden_size}")
     t0 = time.perf_counter()
     store = precompute_prompt_kv(lm.model, bank)
     log.info("pinned KV of %d prompts (%s tokens, %.1f MB) in %.2f s", len(bank.names),

@@ -15,7 +15,7 @@ ScoreMode = Literal["mean", "sum"]
 AlignMode = Literal["start", "end"]
 
 
-SELECTION_RULES = ("bank", "attention", "centroid")
+SELECTION_RULES = ("bank", "attention", "centroid", "linear")
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,8 @@ class SelectConfig:
         query_chunk: input tokens processed per chunk, bounding the [B, H, chunk, T] buffer.
         rule: "bank" (default) uses the rule the bank was made for; "attention" the
             first-layer attention pass; "centroid" the nearest stored centroid of the input's
-            mean embedding (banks made by `idp train-bank`).
+            mean embedding; "linear" a stored linear probe on it (banks made by
+            `idp train-bank`).
     """
 
     score: ScoreMode = "mean"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -10,7 +10,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 from transformers.models.llama.modeling_llama import rotate_half
 
-from idp_core.bank import BankError, Centroids, PromptBank
+from idp_core.bank import BankError, PromptBank, Router
 from idp_core.config import AUTO, CONCAT, NONE
 
 
@@ -38,7 +38,7 @@ class PromptKVStore:
         layer0_keys: all prompts' layer-0 keys side by side, for the selection pass.
         segment: [N] index of the prompt each column of layer0_keys belongs to.
         rule: the bank's selection rule ("attention" or "centroid").
-        centroids: the bank's routing data for the centroid rule (None if it has none).
+        routers: the bank's routing data per rule ("centroid", "linear"; may be empty).
     """
 
     names: tuple[str, ...]
@@ -47,7 +47,7 @@ class PromptKVStore:
     layer0_keys: Tensor  # [Hkv, N, D], N = sum n_i
     segment: Tensor  # [N]
     rule: str = "attention"
-    centroids: Centroids | None = None
+    routers: dict[str, Router] = field(default_factory=dict)
 
     @property
     def lengths(self) -> list[int]:
@@ -162,7 +162,7 @@ def precompute_prompt_kv(model: PreTrainedModel, bank: PromptBank) -> PromptKVSt
         torch.arange(len(prompts)), torch.tensor([p.length for p in prompts])
     ).to(layer0.device)
     return PromptKVStore(tuple(bank.names), prompts, concat, layer0, segment, bank.rule,
-                         bank.centroids)
+                         bank.routers)
 
 
 def stack_prefixes(

@@ -25,7 +25,7 @@ from transformers.models.llama.modeling_llama import (
     rotate_half,
 )
 
-from idp_core.bank import Centroids
+from idp_core.bank import Router
 from idp_core.config import SelectConfig
 from idp_core.kv import PromptKVStore
 
@@ -56,7 +56,8 @@ def select_prompts(
 
     Args:
         model: the served causal LM (Llama-family attention: q/k projections, RoPE, GQA).
-        store: resident prompt KV (and the bank's centroids, for the centroid rule).
+        store: resident prompt KV (and the bank's routing data, for the centroid and linear
+            rules).
         input_ids: [B, T] token ids, padding on the right.
         attention_mask: [B, T] 1 for tokens, 0 for padding; every row has at least one token.
         config: rule, scoring and query chunk size.
@@ -66,31 +67,31 @@ def select_prompts(
     """
     start = time.perf_counter()
     rule = store.rule if config.rule == "bank" else config.rule
-    if rule == "centroid":
-        if store.centroids is None:
-            raise ValueError("the centroid rule needs a bank with centroids (idp train-bank)")
-        scores = centroid_scores(model, store.centroids, input_ids, attention_mask)
+    if rule != "attention":
+        if rule not in store.routers:
+            raise ValueError(f"the {rule} rule needs a bank with its routing data "
+                             f"(idp train-bank)")
+        scores = router_scores(model, store.routers[rule], input_ids, attention_mask)
     else:
         scores = attention_scores(model, store.layer0_keys, store.lengths, input_ids,
                                   attention_mask, config)
     return Selection(scores.argmax(dim=-1), scores, time.perf_counter() - start)
 
 
-def centroid_scores(model: PreTrainedModel, centroids: Centroids, input_ids: Tensor,
-                    attention_mask: Tensor) -> Tensor:
-    """[B, P] cosine of each row's routing feature (`routing_features`) to each centroid."""
-    feats = routing_features(model, input_ids, attention_mask, centroids.center)
-    return feats @ centroids.vectors.to(feats.device).float().T
+def router_scores(model: PreTrainedModel, router: Router, input_ids: Tensor,
+                  attention_mask: Tensor) -> Tensor:
+    """[B, P] a stored router's scores for each row (see bank.Router)."""
+    x = mean_embedding(model, input_ids, attention_mask) - router.center.to(input_ids.device)
+    if router.normalize:
+        x = torch.nn.functional.normalize(x, dim=-1)
+    return x @ router.weight.to(x.device).float().T + router.bias.to(x.device).float()
 
 
-def routing_features(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor,
-                     center: Tensor) -> Tensor:
-    """[B, d] unit vectors: the mean input embedding of each row's real tokens, minus `center`
-    (the mean over the routing data), normalised."""
+def mean_embedding(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """[B, d] float32: the mean input embedding of each row's real tokens."""
     embeds = model.get_input_embeddings()(input_ids).float()  # [B, T, d]
     valid = attention_mask.to(embeds.device, embeds.dtype)[..., None]
-    mean = (embeds * valid).sum(1) / valid.sum(1).clamp(min=1)
-    return torch.nn.functional.normalize(mean - center.to(mean.device).float(), dim=-1)
+    return (embeds * valid).sum(1) / valid.sum(1).clamp(min=1)
 
 
 def attention_scores(

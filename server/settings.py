@@ -33,9 +33,9 @@ class Settings(BaseSettings):
     max_stop_strings: int = Field(16, ge=0)
     request_timeout_s: float = Field(600.0, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)
-    selection_rule: Literal["bank", "attention", "centroid"] = Field(
+    selection_rule: Literal["bank", "attention", "centroid", "linear"] = Field(
         "bank", description="how 'auto' picks a prompt: the bank's own rule, the first-layer "
-        "attention pass, or the nearest stored centroid")
+        "attention pass, the nearest stored centroid or the stored linear probe")
     selection_score: Literal["mean", "sum"] = "mean"
     selection_align: Literal["start", "end"] = Field(
         "end", description="prompt positions in the IDP pass: ending right before the input as "

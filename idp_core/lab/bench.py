@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from idp_core.bank import Centroids, PromptBank
+from idp_core.bank import PromptBank, Router
 from idp_core.build import build_engine
 from idp_core.config import AUTO, CONCAT, NONE, GenConfig
 from idp_core.generate import Engine, GenRequest
@@ -163,15 +163,17 @@ def _idp_over_lora(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def synthetic_bank(lm: LoadedModel, lengths: list[int], seed: int = 0,
                    rule: str = "attention") -> PromptBank:
-    """Prompts made of random vocabulary embeddings, and random centroids for the centroid
-    rule (timing does not depend on their values)."""
+    """Prompts made of random vocabulary embeddings, and random routing data for the
+    centroid and linear rules (timing does not depend on their values)."""
     emb = lm.model.get_input_embeddings().weight.detach().float()
     g = torch.Generator().manual_seed(seed)
     prompts = [emb[torch.randint(0, emb.shape[0], (n,), generator=g)] for n in lengths]
     vectors = torch.nn.functional.normalize(torch.randn(len(lengths), emb.shape[1], generator=g),
                                             dim=-1)
     return PromptBank([f"s{i}" for i in range(len(lengths))], prompts, rule=rule,
-                      centroids=Centroids(emb.mean(0), vectors))
+                      routers={r: Router(emb.mean(0), vectors, torch.zeros(len(lengths)),
+                                         normalize=r == "centroid")
+                               for r in ("centroid", "linear")})
 
 
 def run_selection(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> dict[str, Any]:
@@ -422,7 +424,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--bank-sizes", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--rule", default="attention", choices=["attention", "centroid"],
+    parser.add_argument("--rule", default="attention",
+                        choices=["attention", "centroid", "linear"],
                         help="selection rule timed by `selection`")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)

@@ -335,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
         lm = load_model(args.model or ensure_default_model(), dtype=args.dtype)
         engine = build_engine(lm, bank=bank, origin=str(bank_dir))
         tokenizer, names, label = lm.tokenizer, bank.names, str(bank_dir)
-        rules = ["attention"] + (["centroid"] if bank.centroids is not None else [])
+        rules = ["attention", *bank.routers]
         scorer = engine_scorer(engine, batch_size=args.batch_size)
         rule_picks = in_process_picks(engine, rules)
     windows = eval_windows(tokenizer, split_sources(data_dir),

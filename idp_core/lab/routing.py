@@ -8,9 +8,13 @@ Two rules, fitted on labelled training text (chunk -> the prompt it belongs to):
   keys of deep prompts (free parameters there) with the cross-entropy of the selection scores
   against the labels, through the same `select.attention_scores` the server runs.
 - "centroid": the cosine of the input's mean embedding to each prompt's centroid
-  (`fit_centroids`; stored in the bank).
+  (`fit_centroids`), what a user would try first.
+- "linear": a logistic-regression probe on the same mean embedding (`fit_linear`): the
+  centroid rule with weights fitted to separate the prompts' texts rather than average them.
+Both are stored in the bank as a `Router`; their cost is one embedding lookup and a [d, P]
+product per request.
 
-`choose_rule` measures both on held-back labelled chunks and the bank declares the better one.
+`choose_rule` measures every rule on held-back labelled chunks and the bank declares the best.
 """
 
 from __future__ import annotations
@@ -24,10 +28,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from idp_core.bank import Centroids, PromptBank
+from idp_core.bank import PromptBank, Router
 from idp_core.config import SelectConfig
 from idp_core.kv import precompute_prompt_kv
-from idp_core.select import attention_scores, routing_features, select_prompts
+from idp_core.select import attention_scores, mean_embedding, select_prompts
 
 log = logging.getLogger(__name__)
 
@@ -56,25 +60,54 @@ class RouteConfig:
 
 
 @torch.no_grad()
-def fit_centroids(model: PreTrainedModel, chunks: list[Tensor], *, batch: int = 16) -> Centroids:
-    """Centroids of the centroid rule from labelled text: `chunks[i]` [N_i, T] is prompt i's.
-
-    The centre is the mean over prompts of their chunks' mean embeddings (each prompt weighs the
-    same); prompt i's vector is the normalised mean of its chunks' features.
-    """
+def _features(model: PreTrainedModel, chunks: list[Tensor], lengths: tuple[int, ...],
+              batch: int = 16) -> tuple[Tensor, Tensor]:
+    """Mean embeddings [N, d] of every chunk's first `L` tokens for each L in `lengths`, and
+    the prompt index [N] each belongs to."""
     device = next(model.parameters()).device
-    embed = model.get_input_embeddings()
+    feats, labels = [], []
+    for i, c in enumerate(chunks):
+        for n in lengths:
+            for b in c[:, :n].split(batch):
+                b = b.to(device)
+                feats.append(mean_embedding(model, b, torch.ones_like(b)).cpu())
+                labels += [i] * len(b)
+    return torch.cat(feats), torch.tensor(labels)
 
-    def means(ids: Tensor) -> Tensor:
-        return torch.cat([embed(b.to(device)).float().mean(1) for b in ids.split(batch)])
 
-    center = torch.stack([means(c).mean(0) for c in chunks]).mean(0)  # [d]
-    vectors = []
-    for c in chunks:
-        feats = torch.cat([routing_features(model, b.to(device), torch.ones_like(b), center)
-                           for b in c.split(batch)])
-        vectors.append(torch.nn.functional.normalize(feats.mean(0), dim=-1))
-    return Centroids(center.cpu(), torch.stack(vectors).cpu())
+def fit_centroids(model: PreTrainedModel, chunks: list[Tensor],
+                  lengths: tuple[int, ...] = (256,)) -> Router:
+    """The centroid rule from labelled text (`chunks[i]` [N_i, T] is prompt i's): the centre
+    is the mean over prompts of their mean features (each prompt weighs the same); prompt i's
+    row is the normalised mean of its chunks' centred, normalised features."""
+    feats, labels = _features(model, chunks, lengths)
+    center = torch.stack([feats[labels == i].mean(0) for i in range(len(chunks))]).mean(0)
+    unit = torch.nn.functional.normalize(feats - center, dim=-1)
+    weight = torch.stack([torch.nn.functional.normalize(unit[labels == i].mean(0), dim=-1)
+                          for i in range(len(chunks))])
+    return Router(center, weight, torch.zeros(len(chunks)), normalize=True)
+
+
+def fit_linear(model: PreTrainedModel, chunks: list[Tensor], *,
+               lengths: tuple[int, ...] = (32, 64, 128, 256), steps: int = 500,
+               lr: float = 1e-2, weight_decay: float = 1e-3, seed: int = 0) -> Router:
+    """The linear rule: a multinomial logistic regression of the prompt index on the
+    standardised mean embedding of prefixes of each prompt's chunks (full batch, Adam); the
+    standardisation is folded into the stored weights."""
+    feats, labels = _features(model, chunks, lengths)
+    mean, std = feats.mean(0), feats.std(0) + 1e-6
+    x = (feats - mean) / std
+    torch.manual_seed(seed)
+    probe = torch.nn.Linear(x.shape[1], len(chunks))
+    opt = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(probe(x), labels)
+            loss.backward()
+            opt.step()
+    log.info("linear router: training cross-entropy %.4f", loss.item())
+    return Router(mean, (probe.weight / std).detach(), probe.bias.detach(), normalize=False)
 
 
 def fit_routing_keys(model: PreTrainedModel, bank: PromptBank, chunks: list[Tensor],
@@ -145,7 +178,7 @@ def _fit_keys(model: PreTrainedModel, bank: PromptBank, chunks: list[Tensor],
     log.info("routing keys: loss %.3f -> %.3f, keys moved %s", losses[0], losses[-1],
              [round(m, 3) for m in moved])
     routed = PromptBank(bank.names, prompts, bank.fingerprint, bank.training, kind=bank.kind,
-                        rule=bank.rule, centroids=bank.centroids,
+                        rule=bank.rule, routers=bank.routers,
                         routing={**bank.routing, "keys": {
                             "steps": config.steps, "lr": config.lr, "anchor": config.anchor,
                             "per_prompt": config.per_prompt, "lengths": list(config.lengths),
@@ -175,9 +208,9 @@ def own_pick_rate(model: PreTrainedModel, bank: PromptBank, chunks: list[Tensor]
 
 def choose_rule(model: PreTrainedModel, bank: PromptBank, chunks: list[Tensor],
                 select: SelectConfig = SelectConfig()) -> tuple[str, dict[str, float]]:
-    """The rule that picks each chunk's own prompt more often (ties: the paper's attention),
-    and both rates."""
-    rules = ["attention", "centroid"]
+    """The rule that picks each chunk's own prompt most often (ties: the paper's attention,
+    then the centroid rule), and every rule's rate."""
+    rules = ["attention", *[r for r in ("centroid", "linear") if r in bank.routers]]
     rates = {r: round(own_pick_rate(model, bank, chunks, r, select), 4) for r in rules}
-    best = max(rules, key=lambda r: (rates[r], r == "attention"))
+    best = max(rules, key=lambda r: (rates[r], -rules.index(r)))
     return best, rates

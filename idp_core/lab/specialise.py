@@ -17,7 +17,13 @@ from torch import Tensor
 from idp_core.bank import PromptBank
 from idp_core.config import TrainConfig
 from idp_core.lab.curve import split_sources, training_chunks
-from idp_core.lab.routing import RouteConfig, choose_rule, fit_centroids, fit_routing_keys
+from idp_core.lab.routing import (
+    RouteConfig,
+    choose_rule,
+    fit_centroids,
+    fit_linear,
+    fit_routing_keys,
+)
 from idp_core.lab.train import stats_dict, train_prompt
 from idp_core.model import LoadedModel
 
@@ -82,15 +88,20 @@ def train_domain_prompts(
 
 def add_routing(lm: LoadedModel, bank: PromptBank, chunks: list[Tensor], config: RouteConfig,
                 *, rule: str = "measure") -> PromptBank:
-    """The bank with centroids and (deep banks, config.steps > 0) routing-trained layer-0 keys,
-    both fitted on the first four fifths of each prompt's chunks; its rule is `rule`, or with
-    "measure" the rule that picks the own prompt more often on the last fifth."""
+    """The bank with the centroid and linear routers and (deep banks, config.steps > 0)
+    routing-trained layer-0 keys, all fitted on the first four fifths of each prompt's chunks;
+    its rule is `rule`, or with "measure" the rule that picks the own prompt most often on the
+    last fifth."""
     fit_part = [c[: len(c) - max(1, len(c) // 5)] for c in chunks]
     held = [c[len(c) - max(1, len(c) // 5):] for c in chunks]
-    centroids = fit_centroids(lm.model, fit_part)
+    routers = {"centroid": fit_centroids(lm.model, fit_part),
+               "linear": fit_linear(lm.model, fit_part, seed=config.seed)}
     bank = PromptBank(bank.names, bank.prompts, bank.fingerprint, bank.training, kind=bank.kind,
-                      centroids=centroids,
-                      routing={"feature": "mean input embedding minus centre, cosine",
+                      routers=routers,
+                      routing={"feature": "mean input embedding",
+                               "centroid": "cosine to each prompt's mean (centred) feature",
+                               "linear": "logistic regression on the standardised feature of "
+                                         "prefixes of 32, 64, 128 and 256 tokens",
                                "fit_chunks": [len(c) for c in fit_part],
                                "held_chunks": [len(c) for c in held]})
     if bank.kind == "deep" and config.steps > 0:
@@ -135,7 +146,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--route-lr", type=float, default=r.lr)
     parser.add_argument("--route-anchor", type=float, default=r.anchor,
                         help="pull of the layer-0 keys towards where they started")
-    parser.add_argument("--rule", default="measure", choices=["measure", "attention", "centroid"],
+    parser.add_argument("--rule", default="measure",
+                        choices=["measure", "attention", "centroid", "linear"],
                         help="the bank's selection rule (measure: the one that picks the own "
                              "prompt more often on held-back training chunks)")
 

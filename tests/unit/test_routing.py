@@ -1,5 +1,6 @@
-"""Routing: the centroid rule against the obvious computation, routing data in the bank (and
-its refusals), and routing-key training that makes the first-layer attention pass route."""
+"""Routing: the centroid and linear rules against the obvious computation, routing data in the
+bank (and its refusals), and routing-key training that makes the first-layer attention pass
+route."""
 
 import json
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from tiny import random_bank, random_deep_bank
 
-from idp_core.bank import BankError, Centroids, PromptBank
+from idp_core.bank import BankError, PromptBank, Router
 from idp_core.build import build_engine
 from idp_core.config import SelectConfig
 from idp_core.kv import precompute_prompt_kv
@@ -15,19 +16,21 @@ from idp_core.lab.routing import (
     RouteConfig,
     choose_rule,
     fit_centroids,
+    fit_linear,
     fit_routing_keys,
     own_pick_rate,
 )
 from idp_core.select import attention_scores, select_prompts
 
 
-def centroid_reference(lm, centroids, row):
-    """Cosine of (mean embedding of the row's tokens - centre) to each centroid, row by row."""
+def router_reference(lm, router, row):
+    """(mean embedding of the row's tokens - centre), normalised for the centroid rule, dotted
+    with each prompt's row plus its bias, row by row."""
     embed = lm.model.get_input_embeddings().weight.detach().float()
-    mean = sum(embed[t] for t in row) / len(row)
-    feat = mean - centroids.center
-    feat = feat / feat.norm()
-    return torch.stack([feat @ v for v in centroids.vectors])
+    feat = sum(embed[t] for t in row) / len(row) - router.center
+    if router.normalize:
+        feat = feat / feat.norm()
+    return torch.stack([feat @ w + b for w, b in zip(router.weight, router.bias, strict=True)])
 
 
 def two_domains(seq=48, n=24, seed=0):
@@ -38,25 +41,27 @@ def two_domains(seq=48, n=24, seed=0):
     return [low, high]
 
 
-def with_centroids(bank, centroids, rule="centroid"):
+def with_routers(bank, routers, rule="centroid"):
     return PromptBank(bank.names, bank.prompts, bank.fingerprint, bank.training, kind=bank.kind,
-                      rule=rule, centroids=centroids, routing={"feature": "test"})
+                      rule=rule, routers=routers, routing={"feature": "test"})
 
 
-def test_centroid_rule_equals_reference(tiny, tiny_bank):
+@pytest.mark.parametrize("rule", ["centroid", "linear"])
+def test_router_rules_equal_reference(tiny, tiny_bank, rule):
     g = torch.Generator().manual_seed(4)
     d = tiny.model.config.hidden_size
-    vectors = torch.nn.functional.normalize(torch.randn(3, d, generator=g), dim=-1)
-    centroids = Centroids(torch.randn(d, generator=g) * 0.01, vectors)
-    bank = with_centroids(tiny_bank, centroids)
+    routers = {r: Router(torch.randn(d, generator=g) * 0.01, torch.randn(3, d, generator=g),
+                         torch.randn(3, generator=g), normalize=r == "centroid")
+               for r in ("centroid", "linear")}
+    bank = with_routers(tiny_bank, routers, rule)
     store = precompute_prompt_kv(tiny.model, bank)
     rows = [[5, 9, 23, 42, 7], [100, 3], [200]]
     ids = torch.zeros(3, 5, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for b, r in enumerate(rows):
         ids[b, : len(r)], mask[b, : len(r)] = torch.tensor(r), 1
-    sel = select_prompts(tiny.model, store, ids, mask)  # rule "bank" -> the bank's: centroid
-    want = torch.stack([centroid_reference(tiny, centroids, r) for r in rows])
+    sel = select_prompts(tiny.model, store, ids, mask)  # rule "bank" -> the bank's
+    want = torch.stack([router_reference(tiny, routers[rule], r) for r in rows])
     torch.testing.assert_close(sel.scores, want, atol=1e-5, rtol=1e-4)
     assert sel.indices.tolist() == want.argmax(-1).tolist()
     # the same store read by the attention rule gives the attention pass's scores
@@ -66,13 +71,17 @@ def test_centroid_rule_equals_reference(tiny, tiny_bank):
 
 
 def test_routing_data_round_trips_and_is_checked(tiny, tiny_bank, tmp_path):
-    centroids = fit_centroids(tiny.model, two_domains() + [two_domains(seed=1)[0]])
-    bank = with_centroids(tiny_bank, centroids)
+    chunks = two_domains() + [two_domains(seed=1)[0]]
+    routers = {"centroid": fit_centroids(tiny.model, chunks),
+               "linear": fit_linear(tiny.model, chunks, lengths=(8, 48), steps=20)}
+    bank = with_routers(tiny_bank, routers, "linear")
     bank.save(tmp_path / "b")
     back = PromptBank.load(tmp_path / "b")
-    assert back.rule == "centroid" and back.routing == {"feature": "test"}
-    torch.testing.assert_close(back.centroids.vectors, centroids.vectors)
-    torch.testing.assert_close(back.centroids.center, centroids.center)
+    assert back.rule == "linear" and back.routing == {"feature": "test"}
+    for rule, r in routers.items():
+        for part in ("center", "weight", "bias"):
+            torch.testing.assert_close(getattr(back.routers[rule], part), getattr(r, part))
+        assert back.routers[rule].normalize == r.normalize
 
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     manifest["routing"]["names"] = ["p0", "p1", "other"]
@@ -85,11 +94,12 @@ def test_routing_data_round_trips_and_is_checked(tiny, tiny_bank, tmp_path):
     with pytest.raises(BankError, match="made for another model"):
         PromptBank.load(tmp_path / "b")
 
-    with pytest.raises(BankError, match="do not fit 3 prompts"):
-        with_centroids(tiny_bank, Centroids(centroids.center, centroids.vectors[:2]))
-    with pytest.raises(BankError, match="needs centroids"):
-        with_centroids(tiny_bank, None)
-    with pytest.raises(BankError, match="needs a bank with centroids"):
+    c = routers["centroid"]
+    with pytest.raises(BankError, match="does not fit 3 prompts"):
+        with_routers(tiny_bank, {"centroid": Router(c.center, c.weight[:2], c.bias[:2], True)})
+    with pytest.raises(BankError, match="needs its routing data"):
+        with_routers(tiny_bank, {"centroid": c}, "linear")
+    with pytest.raises(BankError, match="needs a bank with its routing data"):
         build_engine(tiny, bank=tiny_bank, select_config=SelectConfig(rule="centroid"))
 
 
@@ -126,14 +136,17 @@ def test_routing_keys_make_the_attention_pass_route(tiny):
         attention_scores(lm.model, keys, routed.lengths, ids, torch.ones_like(ids)).detach())
 
 
-def test_choose_rule_measures_both(tiny):
+def test_choose_rule_measures_every_rule(tiny):
     bank = random_deep_bank(tiny, (4, 4), seed=5)
     chunks = two_domains(seed=2)
-    bank = with_centroids(bank, fit_centroids(tiny.model, chunks), rule="attention")
+    bank = with_routers(bank, {"centroid": fit_centroids(tiny.model, chunks),
+                               "linear": fit_linear(tiny.model, chunks, lengths=(8, 48))},
+                        rule="attention")
     rule, rates = choose_rule(tiny.model, bank, two_domains(seed=3))
-    assert set(rates) == {"attention", "centroid"}
-    assert rates["centroid"] == 1.0  # two separable kinds of bytes
-    assert rule == max(rates, key=lambda r: (rates[r], r == "attention"))
+    assert set(rates) == {"attention", "centroid", "linear"}
+    assert rates["centroid"] == rates["linear"] == 1.0  # two separable kinds of bytes
+    order = ["attention", "centroid", "linear"]
+    assert rule == max(order, key=lambda r: (rates[r], -order.index(r)))
 
 
 def test_train_bank_specialises_and_stores_its_routing(tiny, tmp_path):
@@ -153,9 +166,10 @@ def test_train_bank_specialises_and_stores_its_routing(tiny, tmp_path):
                                                                        bank.prompts[1])
     routed = add_routing(tiny, bank, [low, high], RouteConfig(steps=20, lengths=(8, 24)))
     assert routed.routing["held_chunks"] == [4, 4]
-    assert set(routed.routing["validation_own_pick"]) == {"attention", "centroid"}
     rates = routed.routing["validation_own_pick"]
-    assert routed.rule == max(rates, key=lambda r: (rates[r], r == "attention"))
+    order = ["attention", "centroid", "linear"]
+    assert list(rates) == order and set(routed.routers) == {"centroid", "linear"}
+    assert routed.rule == max(order, key=lambda r: (rates[r], -order.index(r)))
     routed.save(tmp_path / "b")
     back = PromptBank.load(tmp_path / "b")
     assert back.rule == routed.rule and back.routing["keys"]["steps"] == 20
