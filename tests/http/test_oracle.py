@@ -36,6 +36,9 @@ def test_in_process_and_server_oracles_agree(tmp_path, artefacts):
 
     srv = RemoteServer("--model", str(artefacts["model"]), "--bank", str(tmp_path / "routing"))
     try:
+        import httpx
+
+        assert httpx.get(srv.url + "/v1/prompts").json()["rule"] == "linear"
         remote = analyse(http_scorer(srv.url), bank.names, windows, None)
     finally:
         srv.stop()
