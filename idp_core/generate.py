@@ -124,7 +124,8 @@ class Engine:
 
     @property
     def selection_rule(self) -> str | None:
-        """The rule `auto` uses here ("attention" or "centroid"; None without a bank)."""
+        """The rule `auto` uses here ("attention", "centroid" or "linear"; None without a
+        bank)."""
         if self.store is None:
             return None
         return self.store.rule if self.select_config.rule == "bank" else self.select_config.rule

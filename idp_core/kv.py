@@ -37,7 +37,7 @@ class PromptKVStore:
         concat: KV of [P_1; ...; P_m] run as one prompt (the paper's concat baseline).
         layer0_keys: all prompts' layer-0 keys side by side, for the selection pass.
         segment: [N] index of the prompt each column of layer0_keys belongs to.
-        rule: the bank's selection rule ("attention" or "centroid").
+        rule: the bank's selection rule ("attention", "centroid" or "linear").
         routers: the bank's routing data per rule ("centroid", "linear"; may be empty).
     """
 

@@ -8,6 +8,11 @@ does when served. The input's queries attend to all prompts' layer-0 keys and ca
 own keys; prompts never attend to each other. Prompt i's score is the attention the non-padding
 input tokens pay to its tokens, averaged over tokens and heads: per prompt token ("mean", the
 paper's rule) or in total ("sum").
+
+A bank made by `idp train-bank` may name another rule and carry its data (bank.Router): the
+"centroid" and "linear" rules score prompts from the input's mean embedding alone (one lookup
+and a [d, P] product), because on the default model the attention pass does not route
+(docs/routing.md).
 """
 
 from __future__ import annotations
@@ -50,9 +55,9 @@ def select_prompts(
     """Pick a prompt of `store` for every row by the configured rule.
 
     The rule is `config.rule`, or the bank's own (`store.rule`) when that is "bank":
-    "attention" scores prompts with layer 0's attention (`attention_scores`), "centroid" by
-    the cosine of the input's mean embedding to each prompt's stored centroid
-    (`centroid_scores`).
+    "attention" scores prompts with layer 0's attention (`attention_scores`); "centroid" and
+    "linear" with the bank's stored router for that rule on the input's mean embedding
+    (`router_scores`).
 
     Args:
         model: the served causal LM (Llama-family attention: q/k projections, RoPE, GQA).
