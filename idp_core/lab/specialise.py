@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from idp_core.bank import PromptBank
@@ -24,7 +22,7 @@ from idp_core.lab.routing import (
     fit_linear,
     fit_routing_keys,
 )
-from idp_core.lab.train import stats_dict, train_prompt
+from idp_core.lab.train import train_each
 from idp_core.model import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -57,33 +55,10 @@ def train_domain_prompts(
         start: a trained prompt every domain prompt continues from (None: fresh prompts).
         checkpoint_dir: where each prompt's run checkpoints (and resumes from).
     """
-    names, prompts, per_prompt = [], [], []
-    begin = time.perf_counter()
-    for i, (domain, group) in enumerate(chunks.items()):
-        checkpoint = None if checkpoint_dir is None else checkpoint_dir / f"{domain}.pt"
-        prompt, state = train_prompt(lm, group, length, config, seed=config.seed + i,
-                                     teacher=teacher, checkpoint=checkpoint, desc=domain,
-                                     start=start)
-        names.append(domain)
-        prompts.append(prompt)
-        per_prompt.append({"name": domain, "length": length, **stats_dict(state, len(group))})
-    training = {
-        "method": f"{config.kind} prompt tuning, one prompt per domain",
-        "kind": config.kind,
-        "loss": config.loss,
-        "init": "continued from a trained prompt" if start is not None else config.init,
-        "teacher": None if teacher is None else {"source": teacher.source,
-                                                 "fingerprint": teacher.fingerprint.to_dict()},
-        "config": config.to_dict(),
-        "model": {"name": lm.name, "source": lm.source, "kind": lm.kind},
-        "tokens_per_prompt": per_prompt[0]["tokens"],
-        "total_tokens": sum(p["tokens"] for p in per_prompt),
-        "lr": config.rate(config.kind),
-        "wall_s": round(time.perf_counter() - begin, 1),
-        "prompts": per_prompt,
-        "library": {"torch": torch.__version__},
-    }
-    return PromptBank(names, prompts, lm.fingerprint.to_dict(), training, kind=config.kind)
+    bank = train_each(lm, [(d, length, c) for d, c in chunks.items()], config, teacher=teacher,
+                      checkpoint_dir=checkpoint_dir, start=start)
+    bank.training["method"] = f"{config.kind} prompt tuning, one prompt per domain"
+    return bank
 
 
 def add_routing(lm: LoadedModel, bank: PromptBank, chunks: list[Tensor], config: RouteConfig,

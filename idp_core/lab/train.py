@@ -211,14 +211,30 @@ def train_prompts(
         assign = cluster_chunks(lm, chunks, m, seed=config.seed)
         groups = [chunks[assign == i] for i in range(m)]
         cluster_sizes = [len(g) for g in groups]
-    names, prompts, per_prompt = [], [], []
-    start = time.perf_counter()
     prefix = ("c" if config.clusters else "p") + ("d" if config.kind == "deep" else "")
-    for i, (length, group) in enumerate(zip(config.prompt_lengths, groups, strict=True)):
-        name = f"{prefix}{i}-L{length}"
+    named = [(f"{prefix}{i}-L{length}", length, group)
+             for i, (length, group) in enumerate(zip(config.prompt_lengths, groups, strict=True))]
+    bank = train_each(lm, named, config, teacher=teacher, checkpoint_dir=checkpoint_dir)
+    bank.training.update(data=data, clusters=cluster_sizes)
+    return bank
+
+
+def train_each(
+    lm: LoadedModel, groups: list[tuple[str, int, Tensor]], config: TrainConfig, *,
+    teacher: LoadedModel | None = None, checkpoint_dir: Path | None = None,
+    start: Tensor | None = None,
+) -> PromptBank:
+    """Train one prompt per (name, length, chunks [N, T]) entry, each alone on its chunks
+    (seed config.seed + i; checkpoint `<name>.pt` under `checkpoint_dir`), into a PromptBank
+    whose training metadata holds every run's record. `start`: a trained prompt each one
+    continues from instead of a fresh one."""
+    names, prompts, per_prompt = [], [], []
+    begin = time.perf_counter()
+    for i, (name, length, group) in enumerate(groups):
         checkpoint = None if checkpoint_dir is None else checkpoint_dir / f"{name}.pt"
         prompt, state = train_prompt(lm, group, length, config, seed=config.seed + i,
-                                     teacher=teacher, checkpoint=checkpoint, desc=name)
+                                     teacher=teacher, checkpoint=checkpoint, desc=name,
+                                     start=start)
         names.append(name)
         prompts.append(prompt)
         per_prompt.append({"name": name, "length": length, **stats_dict(state, len(group))})
@@ -226,19 +242,17 @@ def train_prompts(
         "method": f"{config.kind} prompt tuning",
         "kind": config.kind,
         "loss": config.loss,
-        "init": config.init,
+        "init": "continued from a trained prompt" if start is not None else config.init,
         "teacher": None if teacher is None else {"source": teacher.source,
                                                  "fingerprint": teacher.fingerprint.to_dict()},
         "config": config.to_dict(),
-        "data": data,
-        "clusters": cluster_sizes,
         "model": {"name": lm.name, "source": lm.source, "kind": lm.kind},
         "tokens_per_prompt": per_prompt[0]["tokens"],
         "total_tokens": sum(p["tokens"] for p in per_prompt),
         "steps_per_prompt": per_prompt[0]["steps"],
         "lr": config.rate(config.kind),
         "weight_decay": config.weight_decay,
-        "wall_s": round(time.perf_counter() - start, 1),
+        "wall_s": round(time.perf_counter() - begin, 1),
         "prompts": per_prompt,
         "library": {"torch": torch.__version__},
     }
