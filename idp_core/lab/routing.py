@@ -126,7 +126,7 @@ def fit_routing_keys(model: PreTrainedModel, bank: PromptBank, chunks: list[Tens
     """
     if bank.kind != "deep":
         raise ValueError("routing keys are trained for deep banks (shallow prompts' keys are "
-                         "computed by the model); use the centroid rule")
+                         "computed by the model); use the centroid or linear rule")
     if len(chunks) != len(bank.names):
         raise ValueError(f"{len(chunks)} groups of routing text for {len(bank.names)} prompts")
     device = next(model.parameters()).device
