@@ -22,7 +22,7 @@ from idp_core.lab.routing import (
     fit_linear,
     fit_routing_keys,
 )
-from idp_core.lab.train import train_each
+from idp_core.lab.train import load_models, train_each
 from idp_core.model import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -129,19 +129,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from idp_core.lab.artefacts import ensure_default_model
-    from idp_core.lab.objective import check_teacher
-    from idp_core.model import load_model
 
     config = TrainConfig(kind=args.kind, loss=args.loss, lr=args.lr, warmup=args.warmup,
                          total_tokens=args.total_tokens, seq_len=args.seq_len,
                          batch_size=args.batch_size, prompt_lengths=(args.length,),
                          seed=args.seed, dtype=args.dtype)
     source = Path(args.model) if args.model else ensure_default_model()
-    lm = load_model(source, dtype=config.dtype, device=args.device)
-    teacher = None
-    if config.loss != "lm":
-        teacher = load_model(args.teacher, dtype=config.dtype, device=args.device)
-        check_teacher(lm, teacher)
+    lm, teacher = load_models(source, args.teacher, config, device=args.device)
     start = None
     if args.start_bank:
         base = PromptBank.load(args.start_bank)

@@ -338,10 +338,23 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    from idp_core.lab.artefacts import ensure_default_model
+def load_models(source: str | Path, teacher: str | None, config: TrainConfig, *,
+                device: str) -> tuple[LoadedModel, LoadedModel | None]:
+    """The compressed student and, for the "kd" and "mix" losses, the uncompressed teacher
+    (`teacher` None: the embedded original), checked to share the student's vocabulary."""
     from idp_core.lab.objective import check_teacher
     from idp_core.model import load_model
+
+    lm = load_model(source, dtype=config.dtype, device=device)
+    if config.loss == "lm":
+        return lm, None
+    original = load_model(teacher, dtype=config.dtype, device=device)
+    check_teacher(lm, original)
+    return lm, original
+
+
+def run(args: argparse.Namespace) -> int:
+    from idp_core.lab.artefacts import ensure_default_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -350,11 +363,7 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.data).is_file():
         raise SystemExit(f"idp {args.command}: training data {args.data} not found (pass --data)")
     source = Path(args.model) if args.model else ensure_default_model()
-    lm = load_model(source, dtype=config.dtype, device=args.device)
-    teacher = None
-    if config.loss != "lm":
-        teacher = load_model(args.teacher, dtype=config.dtype, device=args.device)
-        check_teacher(lm, teacher)
+    lm, teacher = load_models(source, args.teacher, config, device=args.device)
     out = Path(args.out)
     checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     if checkpoints is not None:
