@@ -31,6 +31,7 @@ from idp_core.lab.objective import (
     token_kl,
     token_nll,
 )
+from idp_core.lab.teacher_cache import TeacherCache
 from idp_core.lab.train import loss_function, make_student
 from idp_core.model import LoadedModel, load_model
 
@@ -165,8 +166,9 @@ def run_method(method: Method, lm: LoadedModel, teacher: LoadedModel, chunks: Te
                windows: dict[str, Tensor], teacher_logp: dict[str, list[Tensor]],
                milestones: list[int], *, batch_size: int,
                work: Path, record: dict[str, Any], save: Any, settings: dict[str, Any],
-               eval_batch: int) -> None:
-    """Train `method` to each milestone (tokens), scoring it there; skips recorded ones."""
+               eval_batch: int, cache: TeacherCache | None = None) -> None:
+    """Train `method` to each milestone (tokens), scoring it there; skips recorded ones.
+    `cache`: the teacher's top-k targets on `chunks`, for kd/mix instead of a forward per step."""
     seq_len = chunks.shape[1]
     done = {m["tokens"] for m in record.setdefault("methods", {}).setdefault(method.name, {
         "family": method.family, "size": method.size, "loss": method.loss, "lr": method.lr,
@@ -182,7 +184,7 @@ def run_method(method: Method, lm: LoadedModel, teacher: LoadedModel, chunks: Te
     steps_at = {t: max(1, t // (batch_size * seq_len)) for t in todo}
     config = FitConfig(steps=max(steps_at.values()), batch_size=batch_size, lr=method.lr,
                        seed=settings["seed"])
-    loss_fn = loss_function(student, method.loss, teacher.model, lm.device)
+    loss_fn = loss_function(student, method.loss, teacher.model, lm.device, cache=cache)
 
     work.mkdir(parents=True, exist_ok=True)
     for tokens in todo:
@@ -424,6 +426,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--windows", type=int, default=8, help="held-out windows per source")
     parser.add_argument("--wikitext-windows", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--teacher-top-k", type=int, default=None,
+                        help="distil against the teacher's top-k outputs, computed once into "
+                             "--work (default: the full distribution, a forward per step)")
     parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"],
                         help="float32: CPUs without AVX-512 bf16 run bf16 matmuls ~5x slower")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (results never depend "
@@ -464,7 +469,8 @@ def run(args: argparse.Namespace) -> int:
     settings = {"model": lm.fingerprint.to_dict(), "teacher": teacher.source,
                 "seq_len": args.seq_len, "seed": args.seed, "dtype": args.dtype,
                 "data": {"sources": sorted(sources), "held_out": "last tenth of each file",
-                         "train_chunks": len(chunks)}}
+                         "train_chunks": len(chunks)},
+                **({} if args.teacher_top_k is None else {"teacher_top_k": args.teacher_top_k})}
     if record.get("settings") not in (None, settings):
         raise SystemExit(f"idp curve: {path} was recorded with other settings; use another "
                          f"--out")
@@ -491,10 +497,18 @@ def run(args: argparse.Namespace) -> int:
         }
         record["baselines_wall_s"] = round(time.perf_counter() - t0, 1)
         save()
+    cache = None
+    if args.teacher_top_k is not None and any(m.loss != "lm" for m in methods):
+        from idp_core.lab import teacher_cache
+
+        t1 = time.perf_counter()
+        cache = teacher_cache.ensure(work / f"teacher-top{args.teacher_top_k}.safetensors",
+                                     teacher, chunks, args.teacher_top_k)
+        record.setdefault("teacher_cache_wall_s", round(time.perf_counter() - t1, 1))
     for method in methods:
         run_method(method, lm, teacher, chunks, windows, teacher_logp, milestones,
                    batch_size=args.batch_size, work=work, record=record, save=save,
-                   settings=settings, eval_batch=8)
+                   settings=settings, eval_batch=8, cache=cache)
     save()
     print(out / "curve.md")
     return 0

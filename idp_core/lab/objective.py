@@ -8,7 +8,7 @@ context inside the chunk), so all methods are scored on the same positions.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -78,17 +78,37 @@ def token_nll(logits: Tensor, ids: Tensor) -> Tensor:
     )
 
 
-def token_kl(logits: Tensor, teacher_logp: Tensor) -> Tensor:
-    """[B, T-1] KL(teacher || student) per position, in nats."""
+class TopK(NamedTuple):
+    """The teacher's distribution kept as its top-k tokens plus one bucket for the rest
+    (`lab/teacher_cache.py`): log-probabilities [..., k], token ids [..., k], log of the mass
+    outside them [...] (-inf when k is the whole vocabulary)."""
+
+    logp: Tensor
+    ids: Tensor
+    rest: Tensor
+
+
+def token_kl(logits: Tensor, teacher: Tensor | TopK) -> Tensor:
+    """[B, T-1] KL(teacher || student) per position, in nats: over the whole vocabulary for
+    the teacher's full log-probabilities [B, T-1, V], or over its top-k tokens plus the rest
+    bucket for a `TopK` (the KL of the coarsened distributions, <= the full one)."""
     logp = torch.log_softmax(logits, dim=-1)
-    return (teacher_logp.exp() * (teacher_logp - logp)).sum(-1)
+    if not isinstance(teacher, TopK):
+        return (teacher.exp() * (teacher - logp)).sum(-1)
+    top = logp.gather(-1, teacher.ids)  # [B, T-1, k]
+    rest = logp.scatter(-1, teacher.ids, float("-inf")).logsumexp(-1)  # [B, T-1]
+    kl = (teacher.logp.exp() * (teacher.logp - top)).sum(-1)
+    has_rest = torch.isfinite(teacher.rest)
+    safe = torch.where(has_rest, teacher.rest - rest, torch.zeros_like(rest))
+    return kl + torch.where(has_rest, teacher.rest.exp() * safe, torch.zeros_like(rest))
 
 
 def recovery_loss(
-    kind: LossKind, logits: Tensor, ids: Tensor, teacher_logp: Tensor | None, *, mix: float = 0.5
+    kind: LossKind, logits: Tensor, ids: Tensor, teacher_logp: Tensor | TopK | None, *,
+    mix: float = 0.5,
 ) -> Tensor:
     """The training loss: mean NLL ("lm"), mean KL to the teacher ("kd"), or `mix` * KL +
-    (1 - `mix`) * NLL ("mix")."""
+    (1 - `mix`) * NLL ("mix"). The teacher is its full log-probabilities or a cached `TopK`."""
     if kind == "lm":
         return token_nll(logits, ids).mean()
     if teacher_logp is None:

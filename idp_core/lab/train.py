@@ -34,6 +34,7 @@ from idp_core.lab.objective import (
     student_logits,
     teacher_logprobs,
 )
+from idp_core.lab.teacher_cache import TeacherCache
 from idp_core.model import LoadedModel, attach_lora, lora_parameters, resolve_dtype
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -81,16 +82,20 @@ def make_student(lm: LoadedModel, method: str, size: int, chunks: Tensor, *, ini
 
 
 def loss_function(student: Student, loss: str, teacher: torch.nn.Module | None,
-                  device: torch.device) -> Callable[[Tensor], Tensor]:
-    """ids [B, T] -> the training loss of `student` (the teacher's forward runs per batch)."""
-    if loss != "lm" and teacher is None:
+                  device: torch.device, *,
+                  cache: TeacherCache | None = None) -> Callable[[Tensor], Tensor]:
+    """ids [B, T] -> the training loss of `student`. The teacher's targets come from `cache`
+    (its top-k, computed once) if given, else from a teacher forward per batch."""
+    if loss != "lm" and teacher is None and cache is None:
         raise ValueError(f"loss {loss!r} needs a teacher model")
 
     def loss_fn(ids: Tensor) -> Tensor:
         ids = ids.to(device)
-        t_logp = None if loss == "lm" else teacher_logprobs(teacher, ids)
+        target = None
+        if loss != "lm":
+            target = cache.lookup(ids) if cache is not None else teacher_logprobs(teacher, ids)
         return recovery_loss(loss, student_logits(student.model, ids, student.prompt), ids,
-                             t_logp)
+                             target)
     return loss_fn
 
 
@@ -120,10 +125,11 @@ def stats_dict(state: FitState, num_sequences: int) -> dict[str, Any]:
 
 
 def _settings(lm: LoadedModel, config: TrainConfig, teacher: LoadedModel | None,
-              **extra: Any) -> dict[str, Any]:
+              cache: TeacherCache | None, **extra: Any) -> dict[str, Any]:
     """What a checkpoint must match to be resumed."""
     return {"model": lm.fingerprint.to_dict(), "config": config.to_dict(),
-            "teacher": None if teacher is None else teacher.fingerprint.to_dict(), **extra}
+            "teacher": None if teacher is None else teacher.fingerprint.to_dict(),
+            **({} if cache is None else {"teacher_top_k": cache.top_k}), **extra}
 
 
 def cluster_chunks(lm: LoadedModel, chunks: Tensor, k: int, *, seed: int = 0) -> Tensor:
@@ -166,23 +172,25 @@ def cluster_chunks(lm: LoadedModel, chunks: Tensor, k: int, *, seed: int = 0) ->
 def train_prompt(
     lm: LoadedModel, chunks: Tensor, length: int, config: TrainConfig, *, seed: int,
     teacher: LoadedModel | None = None, checkpoint: Path | None = None, desc: str = "prompt",
-    start: Tensor | None = None,
+    start: Tensor | None = None, cache: TeacherCache | None = None,
 ) -> tuple[Tensor, FitState]:
     """Train one prompt of `config.kind` ([length, d] or [2, layers, Hkv, length, D]) alone on
     `chunks` [N, T]; the model stays frozen. Resumes from `checkpoint` if it exists. `start`:
-    a trained prompt to continue from instead of a fresh one.
+    a trained prompt to continue from instead of a fresh one; `cache`: the teacher's cached
+    top-k targets for `chunks` instead of a teacher forward per batch.
 
     Returns:
         (the trained prompt, float32 on CPU; the run's state).
     """
     student = make_student(lm, config.kind, length, chunks, init=config.init, seed=seed,
                            start=start)
-    loss_fn = loss_function(student, config.loss, teacher and teacher.model, lm.device)
+    loss_fn = loss_function(student, config.loss, teacher and teacher.model, lm.device,
+                            cache=cache)
     started = None if start is None else hashlib.sha256(
         start.float().cpu().numpy().tobytes()).hexdigest()
     state = fit(student.params, loss_fn, chunks, fit_config(config, config.kind),
                 checkpoint=checkpoint, desc=desc,
-                settings=_settings(lm, config, teacher, length=length, seed=seed,
+                settings=_settings(lm, config, teacher, cache, length=length, seed=seed,
                                    **({} if started is None else {"start": started})))
     return student.prompt.detach().float().cpu().clone(), state
 
@@ -190,6 +198,7 @@ def train_prompt(
 def train_prompts(
     lm: LoadedModel, chunks: Tensor, config: TrainConfig, *, data: dict[str, Any] | None = None,
     teacher: LoadedModel | None = None, checkpoint_dir: Path | None = None,
+    cache: TeacherCache | None = None,
 ) -> PromptBank:
     """Train one prompt per entry of `config.prompt_lengths`, each alone, into a PromptBank.
 
@@ -200,6 +209,8 @@ def train_prompts(
         data: description of the training data for the manifest.
         teacher: the uncompressed model, for the "kd" and "mix" losses.
         checkpoint_dir: where each prompt's run checkpoints (and resumes from).
+        cache: the teacher's cached top-k targets for `chunks` (or for more chunks: rows
+            are found by their token ids, so cluster subsets work too).
 
     Returns:
         The bank, with the model fingerprint and training metadata (loss curves) filled in.
@@ -214,7 +225,8 @@ def train_prompts(
     prefix = ("c" if config.clusters else "p") + ("d" if config.kind == "deep" else "")
     named = [(f"{prefix}{i}-L{length}", length, group)
              for i, (length, group) in enumerate(zip(config.prompt_lengths, groups, strict=True))]
-    bank = train_each(lm, named, config, teacher=teacher, checkpoint_dir=checkpoint_dir)
+    bank = train_each(lm, named, config, teacher=teacher, checkpoint_dir=checkpoint_dir,
+                      cache=cache)
     bank.training.update(data=data, clusters=cluster_sizes)
     return bank
 
@@ -222,7 +234,7 @@ def train_prompts(
 def train_each(
     lm: LoadedModel, groups: list[tuple[str, int, Tensor]], config: TrainConfig, *,
     teacher: LoadedModel | None = None, checkpoint_dir: Path | None = None,
-    start: Tensor | None = None,
+    start: Tensor | None = None, cache: TeacherCache | None = None,
 ) -> PromptBank:
     """Train one prompt per (name, length, chunks [N, T]) entry, each alone on its chunks
     (seed config.seed + i; checkpoint `<name>.pt` under `checkpoint_dir`), into a PromptBank
@@ -234,7 +246,7 @@ def train_each(
         checkpoint = None if checkpoint_dir is None else checkpoint_dir / f"{name}.pt"
         prompt, state = train_prompt(lm, group, length, config, seed=config.seed + i,
                                      teacher=teacher, checkpoint=checkpoint, desc=name,
-                                     start=start)
+                                     start=start, cache=cache)
         names.append(name)
         prompts.append(prompt)
         per_prompt.append({"name": name, "length": length, **stats_dict(state, len(group))})
@@ -245,6 +257,7 @@ def train_each(
         "init": "continued from a trained prompt" if start is not None else config.init,
         "teacher": None if teacher is None else {"source": teacher.source,
                                                  "fingerprint": teacher.fingerprint.to_dict()},
+        "teacher_top_k": None if cache is None else cache.top_k,
         "config": config.to_dict(),
         "model": {"name": lm.name, "source": lm.source, "kind": lm.kind},
         "tokens_per_prompt": per_prompt[0]["tokens"],
@@ -261,7 +274,7 @@ def train_each(
 
 def train_lora(
     lm: LoadedModel, chunks: Tensor, config: TrainConfig, *, teacher: LoadedModel | None = None,
-    checkpoint: Path | None = None,
+    checkpoint: Path | None = None, cache: TeacherCache | None = None,
 ) -> tuple[torch.nn.Module, FitState]:
     """Wrap `lm.model` in a peft LoRA (rank config.lora_rank on q,k,v,o,gate,up,down) and train it
     with `config.loss`. The base weights stay frozen; adapter weights are float32 whatever the
@@ -269,10 +282,11 @@ def train_lora(
     """
     student = make_student(lm, "lora", config.lora_rank, chunks, seed=config.seed,
                            lora_alpha=config.lora_alpha)
-    loss_fn = loss_function(student, config.loss, teacher and teacher.model, lm.device)
+    loss_fn = loss_function(student, config.loss, teacher and teacher.model, lm.device,
+                            cache=cache)
     state = fit(student.params, loss_fn, chunks, fit_config(config, "lora"),
                 checkpoint=checkpoint, desc=f"lora-r{config.lora_rank}",
-                settings=_settings(lm, config, teacher))
+                settings=_settings(lm, config, teacher, cache))
     student.model.eval()
     return student.model, state
 
@@ -304,6 +318,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="lm: next-token loss; kd: KL from the teacher; mix: both")
     parser.add_argument("--teacher", default=None,
                         help="uncompressed teacher for kd/mix (default: the embedded original)")
+    parser.add_argument("--teacher-cache", default=None,
+                        help="kd/mix: file of the teacher's top-k outputs on the training "
+                             "chunks, made on first use (then no teacher forward per step)")
+    parser.add_argument("--teacher-top-k", type=int, default=64,
+                        help="tokens per position kept in --teacher-cache (the rest: one bucket)")
     parser.add_argument("--init", default=d.init, choices=["text", "vocab"])
     parser.add_argument("--lengths", default=",".join(map(str, d.prompt_lengths)),
                         help="comma list of prompt lengths, one prompt each (train-prompts)")
@@ -372,9 +391,15 @@ def run(args: argparse.Namespace) -> int:
     num_runs = 1 if lora else len(config.prompt_lengths)
     chunks = training_chunks(lm.tokenizer, args.data, config, num_runs=num_runs)
     data = describe_data(args.data, num_samples=len(chunks), seq_len=config.seq_len)
+    cache = None
+    if args.teacher_cache and teacher is not None:
+        from idp_core.lab import teacher_cache
+
+        cache = teacher_cache.ensure(Path(args.teacher_cache), teacher, chunks,
+                                     args.teacher_top_k)
     if not lora:
         bank = train_prompts(lm, chunks, config, data=data, teacher=teacher,
-                             checkpoint_dir=checkpoints)
+                             checkpoint_dir=checkpoints, cache=cache)
         bank.save(out)
         for p in bank.training["prompts"]:
             print(f"{p['name']}: loss {p['initial_loss']:.3f} -> {p['final_loss']:.3f} "
@@ -382,7 +407,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{bank.num_parameters} prompt parameters")
     else:
         fp = lm.fingerprint.to_dict()
-        model, state = train_lora(lm, chunks, config, teacher=teacher,
+        model, state = train_lora(lm, chunks, config, teacher=teacher, cache=cache,
                                   checkpoint=None if checkpoints is None
                                   else checkpoints / "lora.pt")
         model.save_pretrained(out)  # adapter_model.safetensors + adapter_config.json
@@ -392,6 +417,7 @@ def run(args: argparse.Namespace) -> int:
             "method": "lora",
             "loss": config.loss,
             "teacher": None if teacher is None else teacher.source,
+            "teacher_top_k": None if cache is None else cache.top_k,
             "config": config.to_dict(),
             "targets": list(LORA_TARGETS),
             "data": data,

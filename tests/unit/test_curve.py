@@ -111,3 +111,13 @@ def test_curve_end_to_end_resumes_and_exports(tmp_path):
     record = json.loads((tmp_path / "out" / "curve.json").read_text())
     for entry in record["methods"].values():
         assert [m["steps"] for m in entry["milestones"]] == [1, 2, 3]
+    # Distillation against the teacher's cached top-k: another objective, so another record.
+    with pytest.raises(SystemExit, match="recorded with other settings"):
+        main([*args, "--milestones", "32", "--teacher-top-k", "8"])
+    topk = [a if a != str(tmp_path / "out") else str(tmp_path / "out-top8") for a in args]
+    topk = [a if a != str(tmp_path / "work") else str(tmp_path / "work-top8") for a in topk]
+    assert main([*topk, "--milestones", "32", "--teacher-top-k", "8"]) == 0
+    record = json.loads((tmp_path / "out-top8" / "curve.json").read_text())
+    assert record["settings"]["teacher_top_k"] == 8
+    assert (tmp_path / "work-top8" / "teacher-top8.safetensors").is_file()
+    assert [m["steps"] for m in record["methods"]["deep2-kd"]["milestones"]] == [1]
