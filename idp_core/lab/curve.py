@@ -357,7 +357,10 @@ def render(record: dict[str, Any], out: Path) -> None:
         f"{ppl(teacher, ['wikitext2']):.2f}, mixed {ppl(teacher, mixed):.2f}; compressed: "
         f"{ppl(base, ['wikitext2']):.2f} / {ppl(base, mixed):.2f}. Gap shares are "
         f"(compressed - method) / (compressed - teacher) of perplexity and of the mean KL to "
-        f"the teacher (teacher: 0), with paired bootstrap 95 % CIs over windows.", "",
+        f"the teacher (teacher: 0), with paired bootstrap 95 % CIs over windows. Training "
+        f"pool: {record['settings']['data']['train_chunks']:,} chunks "
+        f"({record['settings']['data']['train_chunks'] * record['seq_len']:,} tokens); "
+        f"milestones past it see its chunks again.", "",
         "| method | params | tokens | tok/s | WT2 PPL | WT2 PPL gap % | WT2 KL gap % | "
         "mixed PPL | mixed PPL gap % | mixed KL gap % |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -421,6 +424,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="uncompressed teacher (default: the embedded GGUF original)")
     parser.add_argument("--data", default=None, help="data folder (default: ../shared/data)")
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--pool-tokens", type=int, default=None,
+                        help="training chunks drawn, in tokens (default: the recorded curve's "
+                             "pool, else the last milestone); milestones past it cycle over it")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=None, help="override every method's lr")
     parser.add_argument("--windows", type=int, default=8, help="held-out windows per source")
@@ -462,8 +468,11 @@ def run(args: argparse.Namespace) -> int:
     teacher = load_model(args.teacher, dtype=args.dtype, device=args.device)
     check_teacher(lm, teacher)
     sources = split_sources(data_dir)
-    chunks = training_chunks(lm.tokenizer, sources, num_tokens=max(milestones),
-                             seq_len=args.seq_len)
+    # The training pool is fixed when a curve starts (the batch order depends on its size), so
+    # a curve extended past its first last milestone resumes exactly, cycling over the pool.
+    recorded = record.get("settings", {}).get("data", {}).get("train_chunks")
+    pool = args.pool_tokens or (recorded * args.seq_len if recorded else max(milestones))
+    chunks = training_chunks(lm.tokenizer, sources, num_tokens=pool, seq_len=args.seq_len)
     windows = eval_windows(lm.tokenizer, sources, wikitext, per_source=args.windows,
                            wikitext_windows=args.wikitext_windows, seq_len=args.seq_len)
     settings = {"model": lm.fingerprint.to_dict(), "teacher": teacher.source,
@@ -472,8 +481,10 @@ def run(args: argparse.Namespace) -> int:
                          "train_chunks": len(chunks)},
                 **({} if args.teacher_top_k is None else {"teacher_top_k": args.teacher_top_k})}
     if record.get("settings") not in (None, settings):
-        raise SystemExit(f"idp curve: {path} was recorded with other settings; use another "
-                         f"--out")
+        differ = sorted(k for k in {*settings, *record["settings"]}
+                        if settings.get(k) != record["settings"].get(k))
+        raise SystemExit(f"idp curve: {path} was recorded with other settings ({', '.join(differ)}"
+                         f"); use another --out")
     record.update({
         "settings": settings, "seq_len": args.seq_len, "batch_size": args.batch_size,
         "command": "idp curve " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in

@@ -121,3 +121,38 @@ def test_curve_end_to_end_resumes_and_exports(tmp_path):
     assert record["settings"]["teacher_top_k"] == 8
     assert (tmp_path / "work-top8" / "teacher-top8.safetensors").is_file()
     assert [m["steps"] for m in record["methods"]["deep2-kd"]["milestones"]] == [1]
+
+
+def test_curve_extends_past_its_pool_exactly(tmp_path):
+    """A curve recorded to 32 tokens extended to 64 cycles over its pool (3 chunks) and reaches
+    what an uninterrupted run to 64 tokens over the same pool reaches."""
+    from tiny import tiny_llama
+
+    from idp_core.lab.cli import main
+
+    for name, seed in (("student", 0), ("teacher", 1)):
+        lm = tiny_llama(seed=seed)
+        lm.model.save_pretrained(tmp_path / name)
+        lm.tokenizer.save_pretrained(tmp_path / name)
+    _write_data(tmp_path / "data")
+
+    def curve(out, *extra):
+        args = ["curve", "--model", str(tmp_path / "student"), "--teacher",
+                str(tmp_path / "teacher"), "--data", str(tmp_path / "data"), "--methods",
+                "deep2-kd", "--seq-len", "16", "--batch-size", "2", "--windows", "1",
+                "--wikitext-windows", "1", "--out", str(tmp_path / out), "--work",
+                str(tmp_path / f"{out}-work"), *extra]
+        assert main(args) == 0
+        return json.loads((tmp_path / out / "curve.json").read_text())
+
+    short = curve("a", "--milestones", "32")
+    assert short["settings"]["data"]["train_chunks"] == 3  # one chunk per source
+    extended = curve("a", "--milestones", "32,64")  # the recorded pool is kept
+    whole = curve("b", "--milestones", "32,64", "--pool-tokens", "32")
+    assert extended["settings"] == whole["settings"]
+    got = extended["methods"]["deep2-kd"]["milestones"][-1]
+    want = whole["methods"]["deep2-kd"]["milestones"][-1]
+    assert got["steps"] == want["steps"] == 2
+    assert got["scores"] == want["scores"]
+    with pytest.raises(SystemExit, match=r"other settings \(data\)"):
+        curve("a", "--milestones", "32,64", "--pool-tokens", "64")
