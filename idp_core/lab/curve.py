@@ -469,7 +469,7 @@ def run(args: argparse.Namespace) -> int:
     check_teacher(lm, teacher)
     sources = split_sources(data_dir)
     # The training pool is fixed when a curve starts (the batch order depends on its size), so
-    # a curve extended past its first last milestone resumes exactly, cycling over the pool.
+    # a curve extended past its first run's last milestone resumes exactly, cycling over the pool.
     recorded = record.get("settings", {}).get("data", {}).get("train_chunks")
     pool = args.pool_tokens or (recorded * args.seq_len if recorded else max(milestones))
     chunks = training_chunks(lm.tokenizer, sources, num_tokens=pool, seq_len=args.seq_len)
