@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
@@ -110,8 +111,6 @@ def ensure(path: Path, teacher: LoadedModel, chunks: Tensor, top_k: int, *,
 
 def load(path: Path, chunks: Tensor, want: dict[str, Any]) -> TeacherCache:
     """Read `path`; refuse it unless it records `want` (teacher, vocabulary, chunks, k)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     if "made_by" not in meta:
