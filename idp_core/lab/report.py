@@ -7,9 +7,11 @@ Every score goes through the serving engine.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,22 +33,27 @@ def load_tasks(folder: str | Path, names: list[str] | None, *, limit: int | None
 
 
 def run_method(engine, tasks, *, selection: str, batch_size: int, ppl_ids, ppl_windows: int,
-               ppl_seq_len: int, reuse: dict[str, Any] | None = None) -> dict[str, Any]:
+               ppl_seq_len: int, reuse: dict[str, Any] | None = None,
+               on_task: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """All tasks (and WikiText-2 perplexity if `ppl_ids` is given) for one selection; tasks in
-    `reuse` (name -> saved result) are copied instead of run."""
+    `reuse` (name -> saved result) are copied instead of run; `on_task` gets the result so far
+    after each task that ran (to save it, so a stopped run resumes task by task)."""
     from idp_core.lab.evaluate import perplexity
 
     out: dict[str, Any] = {"selection": selection, "tasks": {}}
     for task in tasks:
         if reuse and task.name in reuse:
-            out["tasks"][task.name] = {**reuse[task.name], "reused": True}
+            out["tasks"][task.name] = reuse[task.name]
             continue
         start = time.perf_counter()
         res = evaluate_task(engine, task, selection=selection, batch_size=batch_size)
         res.wall_s = round(time.perf_counter() - start, 1)
         out["tasks"][task.name] = {**asdict(res), "num_total": task.num_total,
-                                   "source": task.source, "group": task.group}
+                                   "source": task.source, "group": task.group,
+                                   "git": git_commit()}
         print(f"  {task.name:>16} [{selection}] {res.metrics()}  ({res.wall_s}s)", flush=True)
+        if on_task is not None:
+            on_task(out)
     if ppl_ids is not None:
         start = time.perf_counter()
         out["wikitext2_ppl"] = perplexity(engine, ppl_ids, selection=selection,
@@ -197,15 +204,23 @@ def run_report(args: argparse.Namespace) -> int:
                 "tasks": sorted(t.name for t in tasks), **common}
     for name, kind, sel in grid:
         path = raw_dir / f"{kind}{'_' + sel if kind == 'prompt' else ''}.json"
+        done: dict[str, Any] = {}  # tasks of a stopped run of this method, same settings
+        saved_wall = 0.0
         if path.is_file():
             saved = json.loads(path.read_text())
-            if saved.get("settings") == settings or args.render_only:
+            if saved.get("settings") == settings and saved.get("partial"):
+                done, saved_wall = saved["tasks"], saved.get("wall_s", 0.0)
+                print(f"== {name}: resuming after {len(done)} saved tasks", flush=True)
+            elif saved.get("settings") == settings or args.render_only:
                 raw[name] = saved
                 continue
-            print(f"== {name}: {path} was run with other settings; running it again", flush=True)
+            else:
+                print(f"== {name}: {path} was run with other settings; running it again",
+                      flush=True)
         if args.render_only:
             raise FileNotFoundError(f"--render-only: no saved results {path}")
-        print(f"== {name}", flush=True)
+        if not done:
+            print(f"== {name}", flush=True)
         params = 0
         if kind == "uncompressed":
             engine = build_engine(load_model(None, dtype=args.dtype))
@@ -221,18 +236,20 @@ def run_report(args: argparse.Namespace) -> int:
                 params = bank.num_parameters
             elif kind == "prompt":
                 params = bank.prompts[bank.index(sel)].numel()
-        ppl_ids, reuse = _ppl_ids(engine.lm, args), None
+        ppl_ids, reuse = _ppl_ids(engine.lm, args), dict(done)
         if kind == "idp-item" and IDP in raw:
             # One request per item, whose whole input is the context: per item == per request.
-            reuse = {t: r for t, r in raw[IDP]["tasks"].items() if r["kind"] == "exact_match"}
+            reuse |= {t: {**r, "reused_from": IDP} for t, r in raw[IDP]["tasks"].items()
+                      if r["kind"] == "exact_match"}
             ppl_ids = None
-        start = time.perf_counter()
-        result = run_method(engine, tasks, selection=sel, ppl_ids=ppl_ids, reuse=reuse, **common)
-        if ppl_ids is None and reuse is not None:
+        head = {"params": int(params), "model": engine.lm.describe(), "settings": settings}
+        t0 = time.perf_counter() - saved_wall  # the wall time includes a stopped run's
+        on_task = functools.partial(_save, path, head, t0, partial=True)
+        result = run_method(engine, tasks, selection=sel, ppl_ids=ppl_ids, reuse=reuse,
+                            on_task=on_task, **common)
+        if ppl_ids is None and kind == "idp-item" and IDP in raw:
             result["wikitext2_ppl"] = raw[IDP].get("wikitext2_ppl")
-        raw[name] = {**result, "params": int(params), "model": engine.lm.describe(),
-                     "wall_s": round(time.perf_counter() - start, 1), "settings": settings}
-        path.write_text(json.dumps(raw[name]) + "\n")
+        raw[name] = _save(path, head, t0, result)
     summary = summarise(raw)
     meta = {"model": source.name, "bank": str(bank_path), "lora": str(lora_path),
             "limit": args.limit, "seed": args.seed, "dtype": args.dtype,
@@ -252,6 +269,17 @@ def run_report(args: argparse.Namespace) -> int:
     if rec is not None and not math.isnan(rec):
         print(f"IDP recovered {100 * rec:.0f}% of the compression gap")
     return 0
+
+
+def _save(path: Path, head: dict[str, Any], t0: float, result: dict[str, Any], *,
+          partial: bool = False) -> dict[str, Any]:
+    """One method's results so far (`partial`) or whole, written whole or not at all."""
+    data = {**result, **head, "wall_s": round(time.perf_counter() - t0, 1),
+            **({"partial": True} if partial else {})}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data) + "\n")
+    tmp.replace(path)
+    return data
 
 
 def _command(args: argparse.Namespace) -> str:

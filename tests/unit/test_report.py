@@ -104,6 +104,45 @@ def test_report_end_to_end_resumes_only_with_same_settings(tmp_path, capsys):
         "arc_easy (n=3)" in (out / "recovery.md").read_text()
 
 
+def test_report_resumes_a_stopped_method_task_by_task(tmp_path, capsys):
+    """A method stopped between tasks keeps what it saved: the rerun runs only the missing task
+    and ends with the results of an uninterrupted run."""
+    import json
+
+    from servers import write_tiny_artefacts
+
+    from idp_core.lab.cli import main
+    from idp_core.lab.tasks import TASKS_DIR
+
+    art = write_tiny_artefacts(tmp_path / "art")
+    out = tmp_path / "report"
+    path = out / "recovery_raw" / "compressed.json"
+
+    def report() -> str:
+        assert main(["report", "--model", str(art["model"]), "--methods", "compressed",
+                     "--tasks-dir", str(TASKS_DIR), "--tasks", "arc_easy,piqa", "--limit", "2",
+                     "--dtype", "float32", "--ppl-windows", "1", "--ppl-seq-len", "32",
+                     "--out", str(out)]) == 0
+        return capsys.readouterr().out
+
+    report()
+    whole = json.loads(path.read_text())
+    assert "partial" not in whole and set(whole["tasks"]) == {"arc_easy", "piqa"}
+    # what the file holds when a run stops after its first task (it is written after each one)
+    stopped = {**whole, "partial": True, "tasks": {"arc_easy": whole["tasks"]["arc_easy"]}}
+    del stopped["wikitext2_ppl"]
+    path.write_text(json.dumps(stopped))
+    again = report()
+    assert "resuming after 1 saved tasks" in again
+    assert "arc_easy [none]" not in again and "piqa [none]" in again
+    resumed = json.loads(path.read_text())
+    assert "partial" not in resumed
+    for task in ("arc_easy", "piqa"):
+        a, b = whole["tasks"][task], resumed["tasks"][task]
+        assert a["per_item"] == b["per_item"]
+    assert resumed["wikitext2_ppl"] == pytest.approx(whole["wikitext2_ppl"])
+
+
 def test_report_methods_can_name_one_prompt(tiny, tiny_bank):
     from idp_core.lab.report import report_methods
 
