@@ -170,16 +170,19 @@ def run_method(method: Method, lm: LoadedModel, teacher: LoadedModel, chunks: Te
     """Train `method` to each milestone (tokens), scoring it there; skips recorded ones.
     `cache`: the teacher's top-k targets on `chunks`, for kd/mix instead of a forward per step."""
     seq_len = chunks.shape[1]
-    done = {m["tokens"] for m in record.setdefault("methods", {}).setdefault(method.name, {
+    entry = record.setdefault("methods", {}).setdefault(method.name, {
         "family": method.family, "size": method.size, "loss": method.loss, "lr": method.lr,
-        "init": method.init, "milestones": []})["milestones"]}
+        "init": method.init, "batch_size": batch_size, "milestones": []})
+    if entry["batch_size"] != batch_size:
+        raise SystemExit(f"idp curve: {method.name} was recorded with batch size "
+                         f"{entry['batch_size']}, not {batch_size}; use another --out")
+    done = {m["tokens"] for m in entry["milestones"]}
     todo = [t for t in milestones if t not in done]
     if not todo:
         return
     student = make_student(lm, method.family, method.size, chunks, init=method.init,
                            seed=settings["seed"])
     model, prompt, params = student.model, student.prompt, student.params
-    entry = record["methods"][method.name]
     entry["trainable_parameters"] = sum(p.numel() for p in params)
     steps_at = {t: max(1, t // (batch_size * seq_len)) for t in todo}
     config = FitConfig(steps=max(steps_at.values()), batch_size=batch_size, lr=method.lr,
@@ -485,6 +488,8 @@ def run(args: argparse.Namespace) -> int:
                         if settings.get(k) != record["settings"].get(k))
         raise SystemExit(f"idp curve: {path} was recorded with other settings ({', '.join(differ)}"
                          f"); use another --out")
+    for entry in record.get("methods", {}).values():  # records from before per-method sizes
+        entry.setdefault("batch_size", record["batch_size"])
     record.update({
         "settings": settings, "seq_len": args.seq_len, "batch_size": args.batch_size,
         "command": "idp curve " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in

@@ -156,3 +156,6 @@ def test_curve_extends_past_its_pool_exactly(tmp_path):
     assert got["scores"] == want["scores"]
     with pytest.raises(SystemExit, match=r"other settings \(data\)"):
         curve("a", "--milestones", "32,64", "--pool-tokens", "64")
+    assert extended["methods"]["deep2-kd"]["batch_size"] == 2
+    with pytest.raises(SystemExit, match="deep2-kd was recorded with batch size 2, not 1"):
+        curve("a", "--milestones", "32,64,96", "--batch-size", "1")
