@@ -3,9 +3,11 @@ load run and report."""
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import subprocess
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from idp_core.paths import REPO
@@ -38,3 +40,14 @@ def machine() -> dict[str, Any]:
             "machine": platform.machine(), "processor": platform.processor(),
             "cpu_count": torch.get_num_threads(), "torch": torch.__version__,
             "git_commit": git_commit()}
+
+
+def files_sha256(folder: str | Path) -> str:
+    """One hash of a folder's files (names and bytes), e.g. a prompt bank or a LoRA adapter, so
+    a result made with other artefacts under the same path is told apart."""
+    h = hashlib.sha256()
+    root = Path(folder)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode() + b"\0")
+        h.update(path.read_bytes())
+    return h.hexdigest()

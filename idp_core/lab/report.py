@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from idp_core.lab.provenance import git_commit
+from idp_core.lab.provenance import files_sha256, git_commit
 from idp_core.lab.recovery import IDP, markdown, pct, plots, recovered, summarise
 from idp_core.lab.tasks import TASKS_DIR, evaluate_task, load_task, task_files
 
@@ -176,6 +176,9 @@ def report_methods(bank, requested: list[str] | None) -> list[tuple[str, str, st
     return rows
 
 
+UNPROMPTED = ("uncompressed", "compressed", "lora")  # rows that use no prompt bank
+
+
 def run_report(args: argparse.Namespace) -> int:
     from idp_core.bank import PromptBank
     from idp_core.build import build_engine
@@ -199,10 +202,15 @@ def run_report(args: argparse.Namespace) -> int:
               "ppl_seq_len": args.ppl_seq_len}
     engines: dict[str, Any] = {}
     raw: dict[str, Any] = {}
-    # A saved method is reused only if it was run with these settings (resume after a stop).
-    settings = {"model": source.name, "limit": args.limit, "seed": args.seed, "dtype": args.dtype,
-                "tasks": sorted(t.name for t in tasks), **common}
+    # A saved method is reused only if it was run with these settings (resume after a stop),
+    # with the same bank or adapter files where it uses them.
+    common_settings = {"model": source.name, "limit": args.limit, "seed": args.seed,
+                       "dtype": args.dtype, "tasks": sorted(t.name for t in tasks), **common}
+    made_with = {"bank": files_sha256(bank_path) if bank is not None else None,
+                 "lora": files_sha256(lora_path) if any(k == "lora" for _, k, _ in grid) else None}
     for name, kind, sel in grid:
+        uses = "lora" if kind == "lora" else "bank" if kind not in UNPROMPTED else None
+        settings = {**common_settings, **({uses: made_with[uses]} if uses else {})}
         path = raw_dir / f"{kind}{'_' + sel if kind == 'prompt' else ''}.json"
         done: dict[str, Any] = {}  # tasks of a stopped run of this method, same settings
         saved_wall = 0.0

@@ -102,6 +102,10 @@ def test_report_end_to_end_resumes_only_with_same_settings(tmp_path, capsys):
     assert "run with other settings" in third and "== +IDP" in third
     assert '"arc_easy (n=3)"' in (out / "recovery.json").read_text() or \
         "arc_easy (n=3)" in (out / "recovery.md").read_text()
+    manifest = art["bank"] / "manifest.json"  # another bank under the same path
+    manifest.write_text(manifest.read_text() + "\n")
+    fourth = report(3)
+    assert "== compressed" not in fourth and "+IDP: " in fourth and "other settings" in fourth
 
 
 def test_report_resumes_a_stopped_method_task_by_task(tmp_path, capsys):
