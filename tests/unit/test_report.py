@@ -108,13 +108,14 @@ def test_report_end_to_end_resumes_only_with_same_settings(tmp_path, capsys):
     assert "== compressed" not in fourth and "+IDP: " in fourth and "other settings" in fourth
 
 
-def test_report_resumes_a_stopped_method_task_by_task(tmp_path, capsys):
+def test_report_resumes_a_stopped_method_task_by_task(tmp_path, capsys, monkeypatch):
     """A method stopped between tasks keeps what it saved: the rerun runs only the missing task
     and ends with the results of an uninterrupted run."""
     import json
 
     from servers import write_tiny_artefacts
 
+    from idp_core.lab import report as report_module
     from idp_core.lab.cli import main
     from idp_core.lab.tasks import TASKS_DIR
 
@@ -132,10 +133,21 @@ def test_report_resumes_a_stopped_method_task_by_task(tmp_path, capsys):
     report()
     whole = json.loads(path.read_text())
     assert "partial" not in whole and set(whole["tasks"]) == {"arc_easy", "piqa"}
-    # what the file holds when a run stops after its first task (it is written after each one)
-    stopped = {**whole, "partial": True, "tasks": {"arc_easy": whole["tasks"]["arc_easy"]}}
-    del stopped["wikitext2_ppl"]
-    path.write_text(json.dumps(stopped))
+    path.unlink()
+    evaluate = report_module.evaluate_task
+
+    def stop_at_piqa(engine, task, **kw):  # the run is killed while it scores piqa
+        if task.name == "piqa":
+            raise KeyboardInterrupt
+        return evaluate(engine, task, **kw)
+
+    monkeypatch.setattr(report_module, "evaluate_task", stop_at_piqa)
+    with pytest.raises(KeyboardInterrupt):
+        report()
+    capsys.readouterr()
+    stopped = json.loads(path.read_text())
+    assert stopped["partial"] and set(stopped["tasks"]) == {"arc_easy"}
+    monkeypatch.setattr(report_module, "evaluate_task", evaluate)
     again = report()
     assert "resuming after 1 saved tasks" in again
     assert "arc_easy [none]" not in again and "piqa [none]" in again
