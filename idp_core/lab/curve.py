@@ -207,24 +207,39 @@ def run_method(method: Method, lm: LoadedModel, teacher: LoadedModel, chunks: Te
         entry["milestones"].sort(key=lambda m: m["tokens"])
         save()
         log.info("%s at %d tokens: %s", method.name, tokens, summary_line(record, method.name))
+    made = made_by(method, entry, record, settings)
     if prompt is not None:
-        export_prompt(method, prompt.detach(), lm, work / f"{slug(method)}-bank", entry,
-                      settings)
+        from idp_core.bank import PromptBank
+
+        PromptBank([slug(method)], [prompt.detach().float().cpu()], lm.fingerprint.to_dict(),
+                   made, kind=method.family).save(work / f"{slug(method)}-bank")
     else:
-        model.save_pretrained(work / f"{slug(method)}-adapter")
+        from idp_core.lab.train import LORA_TARGETS, TRAIN_FILE
+
+        folder = work / f"{slug(method)}-adapter"
+        model.save_pretrained(folder)  # adapter_model.safetensors + adapter_config.json
+        (folder / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
+        meta = {**made, "rank": method.size, "targets": list(LORA_TARGETS),
+                "num_parameters": entry["trainable_parameters"],
+                "fingerprint": lm.fingerprint.to_dict()}
+        tmp = folder / (TRAIN_FILE + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        tmp.replace(folder / TRAIN_FILE)
         lm.model = model.unload()  # the next method starts from the bare compressed model
 
 
-def export_prompt(method: Method, prompt: Tensor, lm: LoadedModel, folder: Path,
-                  entry: dict[str, Any], settings: dict[str, Any]) -> None:
-    from idp_core.bank import PromptBank
-
+def made_by(method: Method, entry: dict[str, Any], record: dict[str, Any],
+            settings: dict[str, Any]) -> dict[str, Any]:
+    """How an exported bank or adapter was made: the method, its last milestone and the command
+    and commit that trained it, so a copy of the export into prompts/ or adapters/ ships with
+    its provenance."""
     last = entry["milestones"][-1]
-    training = {"method": method.name, "family": method.family, "loss": method.loss,
-                "lr": method.lr, "init": method.init, "tokens": last["tokens_seen"],
-                "steps": last["steps"], "tokens_per_s": last["tokens_per_s"], **settings}
-    PromptBank([slug(method)], [prompt.float().cpu()], lm.fingerprint.to_dict(), training,
-               kind=method.family).save(folder)
+    return {"method": method.name, "family": method.family, "loss": method.loss,
+            "lr": method.lr, "init": method.init, "batch_size": entry["batch_size"],
+            "tokens": last["tokens_seen"], "steps": last["steps"],
+            "tokens_per_s": last["tokens_per_s"], "train_loss_last10": last["train_loss_last10"],
+            "train_wall_s": last["train_wall_s"], **settings,
+            "made_by": record["command"], "commit": last["commit"]}
 
 
 # ---- summaries ----------------------------------------------------------------------------

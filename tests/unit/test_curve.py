@@ -105,7 +105,17 @@ def test_curve_end_to_end_resumes_and_exports(tmp_path):
     assert (tmp_path / "out" / "curve.png").stat().st_size > 1000
     bank = PromptBank.load(tmp_path / "work" / "deep2-kd-bank")
     assert bank.kind == "deep" and bank.training["tokens"] == 64
-    assert (tmp_path / "work" / "lora2-kd-adapter" / "adapter_config.json").is_file()
+    made = {"batch_size": 2, "steps": 2, "commit": deep["milestones"][-1]["commit"],
+            "made_by": record["command"]}
+    assert made.items() <= bank.training.items()
+    assert bank.training["made_by"].startswith("idp curve --methods deep2-kd,shallow2-lm")
+    adapter = tmp_path / "work" / "lora2-kd-adapter"
+    assert sorted(p.name for p in adapter.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "train.json"]
+    meta = json.loads((adapter / "train.json").read_text())
+    assert made.items() <= meta.items()
+    assert meta["rank"] == 2 and meta["loss"] == "kd"
+    assert meta["num_parameters"] == record["methods"]["lora2-kd"]["trainable_parameters"]
     assert "| deep2-kd | lora2-kd | 64 |" in (tmp_path / "out" / "curve.md").read_text()
     assert main([*args, "--milestones", "32,64,96"]) == 0  # resumes each method from step 2
     record = json.loads((tmp_path / "out" / "curve.json").read_text())
