@@ -365,7 +365,8 @@ def render(record: dict[str, Any], out: Path) -> None:
 
     lines = [
         "# Recovery curve", "",
-        f"Recorded by `{record['command']}` at commit {record['commit']} "
+        "Recorded by " + "; ".join(f"`{r['command']}` at commit {r['commit']}"
+                                   for r in record.get("runs", [record])) + " "
         f"({record['machine']['processor'] or record['machine']['machine']}, "
         f"{record['machine']['cpu_count']} threads, torch {record['machine']['torch']}).", "",
         f"Held-out text: WikiText-2 test ({len(base['wikitext2']['nll'])} windows) and the "
@@ -505,13 +506,16 @@ def run(args: argparse.Namespace) -> int:
                          f"); use another --out")
     for entry in record.get("methods", {}).values():  # records from before per-method sizes
         entry.setdefault("batch_size", record["batch_size"])
-    record.update({
-        "settings": settings, "seq_len": args.seq_len, "batch_size": args.batch_size,
-        "command": "idp curve " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
-                                           vars(args).items() if v not in (None, False)
-                                           and k not in ("command", "func")),
-        "commit": machine()["git_commit"], "machine": machine(),
-    })
+    command = "idp curve " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
+                                      vars(args).items() if v not in (None, False)
+                                      and k not in ("command", "func"))
+    runs = record.get("runs") or ([{"command": record["command"], "commit": record["commit"]}]
+                                  if "command" in record else [])
+    commit = machine()["git_commit"]
+    if runs[-1:] != [{"command": command, "commit": commit}]:
+        runs.append({"command": command, "commit": commit})
+    record.update({"settings": settings, "seq_len": args.seq_len, "batch_size": args.batch_size,
+                   "command": command, "commit": commit, "runs": runs, "machine": machine()})
 
     def save() -> None:
         tmp = path.with_name(path.name + ".tmp")

@@ -121,6 +121,9 @@ def test_curve_end_to_end_resumes_and_exports(tmp_path):
     record = json.loads((tmp_path / "out" / "curve.json").read_text())
     for entry in record["methods"].values():
         assert [m["steps"] for m in entry["milestones"]] == [1, 2, 3]
+    runs = [r["command"].split(" --milestones ")[1].split()[0] for r in record["runs"]]
+    assert runs == ["32,64", "32,64,96"]  # both commands are named in the table's header
+    assert (tmp_path / "out" / "curve.md").read_text().count("`idp curve --methods deep2-kd") == 2
     # Distillation against the teacher's cached top-k: another objective, so another record.
     with pytest.raises(SystemExit, match="recorded with other settings"):
         main([*args, "--milestones", "32", "--teacher-top-k", "8"])
