@@ -56,6 +56,9 @@ def test_paired_differences(summary):
     # IDP is never below compressed on any item, so no paired replicate can be negative
     assert diffs["compressed"]["ci"][0] >= 0
     assert diffs["uncompressed"]["diff"] < 0
+    # items pooled: (4 arc + 4 piqa + 2 lambada) items; IDP wins one arc and one piqa item
+    assert diffs["compressed"]["pooled_diff"] == pytest.approx(2 / 10, abs=0.02)
+    assert diffs["compressed"]["pooled_ci"][0] >= 0
 
 
 def test_files(summary, tmp_path):
@@ -68,6 +71,7 @@ def test_files(summary, tmp_path):
     assert "+IDP recovers 50% of the average-accuracy loss" in text
     assert "and 50% of the WikiText-2 perplexity increase" in text
     assert "p0 75%, p1 25%" in text
+    assert "| items pooled | 95% CI | share <= 0 |" in text
     plots(summary, tmp_path)
     assert (tmp_path / "recovery_tasks.png").stat().st_size > 1000
     assert (tmp_path / "recovery_params.png").stat().st_size > 1000
