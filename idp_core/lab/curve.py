@@ -214,7 +214,7 @@ def run_method(method: Method, lm: LoadedModel, teacher: LoadedModel, chunks: Te
         PromptBank([slug(method)], [prompt.detach().float().cpu()], lm.fingerprint.to_dict(),
                    made, kind=method.family).save(work / f"{slug(method)}-bank")
     else:
-        from idp_core.lab.train import LORA_TARGETS, TRAIN_FILE
+        from idp_core.lab.train import LORA_TARGETS, write_train_json
 
         folder = work / f"{slug(method)}-adapter"
         model.save_pretrained(folder)  # adapter_model.safetensors + adapter_config.json
@@ -222,9 +222,7 @@ def run_method(method: Method, lm: LoadedModel, teacher: LoadedModel, chunks: Te
         meta = {**made, "rank": method.size, "targets": list(LORA_TARGETS),
                 "num_parameters": entry["trainable_parameters"],
                 "fingerprint": lm.fingerprint.to_dict()}
-        tmp = folder / (TRAIN_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        tmp.replace(folder / TRAIN_FILE)
+        write_train_json(folder, meta)
         lm.model = model.unload()  # the next method starts from the bare compressed model
 
 

@@ -305,6 +305,13 @@ def training_chunks(
     raise ValueError(f"{path} holds too little text for training chunks of {config.seq_len}")
 
 
+def write_train_json(adapter: Path, meta: dict[str, Any]) -> None:
+    """How an adapter was trained, beside its weights (write, then rename)."""
+    tmp = adapter / (TRAIN_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.replace(adapter / TRAIN_FILE)
+
+
 # ---- CLI ----------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
@@ -427,9 +434,7 @@ def run(args: argparse.Namespace) -> int:
             "library": {"peft": importlib.metadata.version("peft"), "torch": torch.__version__},
             **stats_dict(state, len(chunks)),
         }
-        tmp = out / (TRAIN_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        tmp.replace(out / TRAIN_FILE)
+        write_train_json(out, meta)
         print(f"lora r{config.lora_rank}: loss {meta['initial_loss']:.3f} -> "
               f"{meta['final_loss']:.3f} ({state.tokens} tokens, {meta['tokens_per_s']} "
               f"tokens/s, {meta['wall_s']} s), {num_params} adapter parameters")
