@@ -116,6 +116,8 @@ class TrainConfig:
             vocabulary rows ("vocab").
         lr: AdamW learning rate (None: DEFAULT_LR of the method: shallow, deep or lora).
         warmup: steps of linear learning-rate warm-up.
+        schedule: the learning rate after warm-up: "constant" or "cosine" (down to 0 at the
+            last step).
         weight_decay: AdamW weight decay.
         total_tokens: training budget in input tokens, per prompt (or for the adapter).
         seq_len: tokens per training sequence (excluding the prompt).
@@ -135,6 +137,7 @@ class TrainConfig:
     init: str = "text"
     lr: float | None = None
     warmup: int = 5
+    schedule: str = "constant"
     weight_decay: float = 1e-5
     total_tokens: int = 200_000
     seq_len: int = 256
@@ -149,7 +152,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name, value, allowed in (("kind", self.kind, ("shallow", "deep")),
                                      ("loss", self.loss, ("lm", "kd", "mix")),
-                                     ("init", self.init, ("text", "vocab"))):
+                                     ("init", self.init, ("text", "vocab")),
+                                     ("schedule", self.schedule, ("constant", "cosine"))):
             if value not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {value!r}")
         if self.lr is not None and self.lr <= 0:

@@ -37,15 +37,17 @@ from idp_core.model import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
-_SPEC = re.compile(r"^(shallow|deep|lora)(\d+)-(lm|kd|mix)(?:@([0-9.e-]+))?(?:/(text|vocab))?$")
+_SPEC = re.compile(r"^(shallow|deep|lora)(\d+)-(lm|kd|mix)(?:@([0-9.e-]+))?(?:/(text|vocab))?"
+                   r"(\+cos)?$")
 
 
 @dataclass(frozen=True)
 class Method:
-    """One trained recovery method, written `<family><size>-<loss>[@lr][/init]` (e.g. deep16-kd,
-    lora4-lm, shallow16-lm@0.1/vocab): size is the prompt length in tokens, or the LoRA rank;
-    init is how a prompt starts: from the embeddings (or KV) of real text, or from random
-    vocabulary rows."""
+    """One trained recovery method, written `<family><size>-<loss>[@lr][/init][+cos]` (e.g.
+    deep16-kd, lora4-lm, shallow16-lm@0.1/vocab, deep16-kd@1e-2+cos): size is the prompt length
+    in tokens, or the LoRA rank; init is how a prompt starts: from the embeddings (or KV) of real
+    text, or from random vocabulary rows; `+cos` decays the learning rate after warm-up along
+    half a cosine to 0 at the curve's last milestone (else it stays constant)."""
 
     name: str
     family: str
@@ -54,12 +56,16 @@ class Method:
     lr: float
     init: str = "text"
 
+    @property
+    def schedule(self) -> str:  # in the name only, so records and checkpoints keep their form
+        return "cosine" if self.name.endswith("+cos") else "constant"
+
     @classmethod
     def parse(cls, spec: str, lr: float | None = None) -> Method:
         m = _SPEC.match(spec)
         if m is None:
             raise ValueError(f"method {spec!r}: write <shallow|deep|lora><size>-<lm|kd|mix>"
-                             f"[@lr][/text|/vocab], e.g. deep16-kd or deep16-kd@3e-3")
+                             f"[@lr][/text|/vocab][+cos], e.g. deep16-kd or deep16-kd@3e-3")
         family, size, loss = m.group(1), int(m.group(2)), m.group(3)
         rate = float(m.group(4)) if m.group(4) else lr or DEFAULT_LR[family]
         return cls(spec, family, size, loss, rate, m.group(5) or "text")
@@ -158,7 +164,7 @@ def score_all(model: torch.nn.Module, windows: dict[str, Tensor],
 
 def slug(method: Method) -> str:
     """The method's name as a file and prompt name."""
-    return method.name.replace("/", "-").replace("@", "-lr")
+    return method.name.replace("/", "-").replace("@", "-lr").replace("+", "-")
 
 
 # ---- one method ---------------------------------------------------------------------------
@@ -185,8 +191,13 @@ def run_method(method: Method, lm: LoadedModel, teacher: LoadedModel, chunks: Te
     model, prompt, params = student.model, student.prompt, student.params
     entry["trainable_parameters"] = sum(p.numel() for p in params)
     steps_at = {t: max(1, t // (batch_size * seq_len)) for t in todo}
-    config = FitConfig(steps=max(steps_at.values()), batch_size=batch_size, lr=method.lr,
-                       seed=settings["seed"])
+    horizon = max(1, max(milestones) // (batch_size * seq_len))
+    if method.schedule != "constant" and entry.setdefault("schedule_steps", horizon) != horizon:
+        raise SystemExit(f"idp curve: {method.name} decays to 0 at step "
+                         f"{entry['schedule_steps']}, not {horizon}; a decayed run cannot be "
+                         f"extended (use another --out)")
+    config = FitConfig(steps=horizon, batch_size=batch_size, lr=method.lr,
+                       schedule=method.schedule, seed=settings["seed"])
     loss_fn = loss_function(student, method.loss, teacher.model, lm.device, cache=cache)
 
     work.mkdir(parents=True, exist_ok=True)
@@ -233,7 +244,8 @@ def made_by(method: Method, entry: dict[str, Any], record: dict[str, Any],
     its provenance."""
     last = entry["milestones"][-1]
     return {"method": method.name, "family": method.family, "loss": method.loss,
-            "lr": method.lr, "init": method.init, "batch_size": entry["batch_size"],
+            "lr": method.lr, "init": method.init, "schedule": method.schedule,
+            "batch_size": entry["batch_size"],
             "tokens": last["tokens_seen"], "steps": last["steps"],
             "tokens_per_s": last["tokens_per_s"], "train_loss_last10": last["train_loss_last10"],
             "train_wall_s": last["train_wall_s"], **settings,
@@ -281,15 +293,18 @@ def bootstrap_difference(base: list[float], a: list[float], b: list[float], targ
 
 
 def comparisons(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each prompt method against each LoRA method of the same loss, at their last common
-    milestone: differences of gap shares (prompt - LoRA) with paired bootstrap CIs."""
+    """Each prompt method against each LoRA method of the same loss, and each decayed method
+    (`+cos`) against its constant-rate twin, at their last common milestone: differences of gap
+    shares (a - b) with paired bootstrap CIs."""
     base, teacher = record["baselines"]["compressed"], record["baselines"]["teacher"]
     mixed = [s for s in base if s != "wikitext2"]
     methods = record.get("methods", {})
     out = []
     for a, ea in methods.items():
         for b, eb in methods.items():
-            if ea["family"] == "lora" or eb["family"] != "lora" or ea["loss"] != eb["loss"]:
+            prompt_vs_lora = (ea["family"] != "lora" and eb["family"] == "lora"
+                              and ea["loss"] == eb["loss"])
+            if not (prompt_vs_lora or a == f"{b}+cos"):
                 continue
             common = sorted({m["tokens"] for m in ea["milestones"]} &
                             {m["tokens"] for m in eb["milestones"]})
@@ -390,9 +405,10 @@ def render(record: dict[str, Any], out: Path) -> None:
             f"{r['mixed_ppl']:.2f} | {pct(r['mixed_ppl_share'])} | {pct(r['mixed_kl_share'])} |")
     pairs = comparisons(record)
     if pairs:
-        lines += ["", "Prompt minus LoRA at equal objective and tokens (percentage points of each "
-                  "gap; paired bootstrap 95 % CI over windows):", "",
-                  "| prompt | LoRA | tokens | WT2 PPL gap | WT2 KL gap | mixed PPL gap | "
+        lines += ["", "Differences at equal objective and tokens, a - b (prompt - LoRA, or "
+                  "decayed - constant learning rate; percentage points of each gap; paired "
+                  "bootstrap 95 % CI over windows):", "",
+                  "| a | b | tokens | WT2 PPL gap | WT2 KL gap | mixed PPL gap | "
                   "mixed KL gap |", "|---|---|---|---|---|---|---|"]
         for r in pairs:
             lines.append(f"| {r['a']} | {r['b']} | {r['tokens']:,} | {pct(r['wikitext2_ppl'])} "

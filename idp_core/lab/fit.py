@@ -9,6 +9,7 @@ their final name and renamed into place; one made under other settings is refuse
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 from tqdm import tqdm
+
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,10 @@ class FitConfig:
         batch_size: chunks per step.
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay.
-        warmup: steps of linear warm-up from lr / warmup to lr, then constant.
+        warmup: steps of linear warm-up from lr / warmup to lr.
+        schedule: after warm-up, "constant" (lr to the end; a run may be extended to more
+            steps) or "cosine" (half a cosine from lr down to 0 at `steps`; `steps` is then part
+            of the run, and a checkpoint cannot be extended past it).
         seed: seeds the batch order.
         checkpoint_every_s: wall seconds between checkpoints (the last step always writes one).
     """
@@ -39,6 +45,7 @@ class FitConfig:
     lr: float = 1e-2
     weight_decay: float = 0.0
     warmup: int = 5
+    schedule: str = "constant"
     seed: int = 0
     checkpoint_every_s: float = 120.0
 
@@ -49,9 +56,17 @@ class FitConfig:
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup < 0:
             raise ValueError(f"FitConfig lr > 0, weight_decay >= 0, warmup >= 0 needed, got "
                              f"{self.lr}/{self.weight_decay}/{self.warmup}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"FitConfig.schedule must be one of {SCHEDULES}, got "
+                             f"{self.schedule!r}")
 
     def lr_at(self, step: int) -> float:
-        return self.lr * min(1.0, (step + 1) / self.warmup) if self.warmup else self.lr
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.schedule == "constant":
+            return self.lr
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 @dataclass
@@ -143,7 +158,9 @@ def fit(
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     settings = {**(settings or {}), "fit": asdict(config)}
     settings["fit"].pop("checkpoint_every_s")
-    settings["fit"].pop("steps")  # a run may be extended to more steps
+    if config.schedule == "constant":  # a run may be extended to more steps; checkpoints
+        settings["fit"].pop("steps")      # from before `schedule` existed were all constant
+        settings["fit"].pop("schedule")
     state = FitState()
     if checkpoint is not None and checkpoint.is_file():
         state = load_checkpoint(checkpoint, params, opt, settings)

@@ -102,7 +102,7 @@ def loss_function(student: Student, loss: str, teacher: torch.nn.Module | None,
 def fit_config(config: TrainConfig, method: str) -> FitConfig:
     return FitConfig(steps=num_steps(config), batch_size=config.batch_size,
                      lr=config.rate(method), weight_decay=config.weight_decay,
-                     warmup=config.warmup, seed=config.seed)
+                     warmup=config.warmup, schedule=config.schedule, seed=config.seed)
 
 
 def num_steps(config: TrainConfig) -> int:
@@ -342,6 +342,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None,
                         help="default: shallow 3e-2, deep 1e-2, LoRA 2e-3")
     parser.add_argument("--warmup", type=int, default=d.warmup)
+    parser.add_argument("--schedule", default=d.schedule, choices=["constant", "cosine"],
+                        help="learning rate after warm-up (cosine: down to 0 at the last step)")
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
     parser.add_argument("--clusters", action="store_true",
                         help="train prompt i on k-means cluster i of the data")
@@ -356,7 +358,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         kind=args.kind, loss=args.loss, init=args.init, lr=args.lr, warmup=args.warmup,
-        weight_decay=args.weight_decay, total_tokens=args.total_tokens,
+        schedule=args.schedule, weight_decay=args.weight_decay, total_tokens=args.total_tokens,
         seq_len=args.seq_len, batch_size=args.batch_size,
         prompt_lengths=tuple(int(x) for x in args.lengths.split(",")),
         lora_rank=args.rank, lora_alpha=args.lora_alpha, clusters=args.clusters, seed=args.seed,

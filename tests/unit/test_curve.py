@@ -11,6 +11,7 @@ from idp_core.lab.curve import (
     bootstrap,
     bootstrap_difference,
     share,
+    slug,
     split_sources,
     training_chunks,
 )
@@ -58,6 +59,10 @@ def test_method_specs():
     m = Method.parse("shallow16-lm@0.1/vocab")
     assert (m.family, m.size, m.loss, m.lr, m.init) == ("shallow", 16, "lm", 0.1, "vocab")
     assert Method.parse("deep8-kd").lr == 1e-2 and Method.parse("lora4-mix").init == "text"
+    decayed = Method.parse("deep16-kd@1e-2/vocab+cos")
+    assert (decayed.lr, decayed.init, decayed.schedule) == (1e-2, "vocab", "cosine")
+    assert Method.parse("deep16-kd").schedule == "constant"
+    assert slug(decayed) == "deep16-kd-lr1e-2-vocab-cos"
     with pytest.raises(ValueError, match="write <shallow|deep|lora>"):
         Method.parse("deep-kd")
 
@@ -172,3 +177,32 @@ def test_curve_extends_past_its_pool_exactly(tmp_path):
     assert extended["methods"]["deep2-kd"]["batch_size"] == 2
     with pytest.raises(SystemExit, match="deep2-kd was recorded with batch size 2, not 1"):
         curve("a", "--milestones", "32,64,96", "--batch-size", "1")
+
+
+def test_a_decayed_method_is_compared_with_its_constant_twin(tmp_path):
+    """`deep2-kd+cos` decays its learning rate to 0 at the last milestone: it is compared with
+    `deep2-kd` in the table, its export says so, and it cannot be extended past its horizon."""
+    from tiny import tiny_llama
+
+    from idp_core.bank import PromptBank
+    from idp_core.lab.cli import main
+
+    for name, seed in (("student", 0), ("teacher", 1)):
+        lm = tiny_llama(seed=seed)
+        lm.model.save_pretrained(tmp_path / name)
+        lm.tokenizer.save_pretrained(tmp_path / name)
+    _write_data(tmp_path / "data")
+    args = ["curve", "--model", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
+            "--data", str(tmp_path / "data"), "--methods", "deep2-kd,deep2-kd+cos",
+            "--seq-len", "16", "--batch-size", "2", "--windows", "1", "--wikitext-windows", "1",
+            "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
+    assert main([*args, "--milestones", "32,256"]) == 0  # 8 steps: 5 of warm-up, 3 of decay
+    record = json.loads((tmp_path / "out" / "curve.json").read_text())
+    decayed, constant = record["methods"]["deep2-kd+cos"], record["methods"]["deep2-kd"]
+    assert decayed["schedule_steps"] == 8 and "schedule_steps" not in constant
+    assert decayed["milestones"][0]["scores"] == constant["milestones"][0]["scores"]
+    assert decayed["milestones"][1]["scores"] != constant["milestones"][1]["scores"]
+    assert "| deep2-kd+cos | deep2-kd | 256 |" in (tmp_path / "out" / "curve.md").read_text()
+    assert PromptBank.load(tmp_path / "work" / "deep2-kd-cos-bank").training["schedule"] == "cosine"
+    with pytest.raises(SystemExit, match="cannot be extended"):
+        main([*args, "--milestones", "32,256,288"])

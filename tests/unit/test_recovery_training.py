@@ -1,5 +1,8 @@
 """Recovery training: the objective against the served engine, exact resume, refusals."""
 
+import math
+from dataclasses import replace
+
 import pytest
 import torch
 from reference import logits_alone
@@ -89,6 +92,34 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path):
     other = FitConfig(steps=6, batch_size=2, lr=3e-2, warmup=2, seed=3)
     with pytest.raises(CheckpointError, match=r"b\.pt: made by another configuration.*fit"):
         _train(tiny, chunks, other, tmp_path / "b.pt")
+
+
+def test_learning_rate_schedules():
+    constant = FitConfig(steps=10, lr=1.0, warmup=4)
+    assert [constant.lr_at(i) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cosine = FitConfig(steps=10, lr=1.0, warmup=4, schedule="cosine")
+    want = [0.25, 0.5, 0.75, 1.0] + [0.5 * (1 + math.cos(math.pi * (i - 4) / 6))
+                                     for i in range(4, 10)]
+    assert [cosine.lr_at(i) for i in range(10)] == pytest.approx(want)
+    assert cosine.lr_at(4) == 1.0 and cosine.lr_at(9) < 0.1 and cosine.lr_at(10) == 0.0
+    with pytest.raises(ValueError, match="schedule"):
+        FitConfig(steps=10, schedule="linear")
+
+
+def test_a_decayed_run_resumes_exactly_and_cannot_be_extended(tmp_path):
+    tiny = tiny_llama(attn="eager")
+    for p in tiny.model.parameters():
+        p.requires_grad_(False)
+    chunks = torch.randint(0, 256, (5, 12), generator=torch.Generator().manual_seed(0))
+    config = FitConfig(steps=6, batch_size=2, lr=1e-2, warmup=2, seed=3, schedule="cosine")
+    whole, whole_state = _train(tiny, chunks, config, tmp_path / "a.pt")
+    _train(tiny, chunks, config, tmp_path / "b.pt", until=3)
+    resumed, state = _train(tiny, chunks, config, tmp_path / "b.pt")
+    assert state.losses == whole_state.losses and torch.equal(resumed, whole)
+    constant, _ = _train(tiny, chunks, replace(config, schedule="constant"), tmp_path / "c.pt")
+    assert not torch.equal(constant, whole)
+    with pytest.raises(CheckpointError, match=r"b\.pt: made by another configuration.*fit"):
+        _train(tiny, chunks, replace(config, steps=8), tmp_path / "b.pt")
 
 
 def test_a_teacher_with_another_vocabulary_is_refused(tiny):
