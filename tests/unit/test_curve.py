@@ -82,19 +82,24 @@ def _write_data(folder):
             f.write(json.dumps({"text": f" = Heading {i} = \n" + "wiki words " * 30}) + "\n")
 
 
-def test_curve_end_to_end_resumes_and_exports(tmp_path):
-    """`idp curve` on a tiny student and teacher: records every milestone, renders, exports a
-    bank and an adapter, and a rerun with one more milestone trains only the extra steps."""
+def _write_models_and_data(folder):
+    """A tiny student and teacher (HF folders) and a tiny data folder, under `folder`."""
     from tiny import tiny_llama
-
-    from idp_core.bank import PromptBank
-    from idp_core.lab.cli import main
 
     for name, seed in (("student", 0), ("teacher", 1)):
         lm = tiny_llama(seed=seed)
-        lm.model.save_pretrained(tmp_path / name)
-        lm.tokenizer.save_pretrained(tmp_path / name)
-    _write_data(tmp_path / "data")
+        lm.model.save_pretrained(folder / name)
+        lm.tokenizer.save_pretrained(folder / name)
+    _write_data(folder / "data")
+
+
+def test_curve_end_to_end_resumes_and_exports(tmp_path):
+    """`idp curve` on a tiny student and teacher: records every milestone, renders, exports a
+    bank and an adapter, and a rerun with one more milestone trains only the extra steps."""
+    from idp_core.bank import PromptBank
+    from idp_core.lab.cli import main
+
+    _write_models_and_data(tmp_path)
     args = ["curve", "--model", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
             "--data", str(tmp_path / "data"), "--methods", "deep2-kd,shallow2-lm,lora2-kd",
             "--seq-len", "16", "--batch-size", "2", "--windows", "2", "--wikitext-windows", "2",
@@ -144,15 +149,9 @@ def test_curve_end_to_end_resumes_and_exports(tmp_path):
 def test_curve_extends_past_its_pool_exactly(tmp_path):
     """A curve recorded to 32 tokens extended to 64 cycles over its pool (3 chunks) and reaches
     what an uninterrupted run to 64 tokens over the same pool reaches."""
-    from tiny import tiny_llama
-
     from idp_core.lab.cli import main
 
-    for name, seed in (("student", 0), ("teacher", 1)):
-        lm = tiny_llama(seed=seed)
-        lm.model.save_pretrained(tmp_path / name)
-        lm.tokenizer.save_pretrained(tmp_path / name)
-    _write_data(tmp_path / "data")
+    _write_models_and_data(tmp_path)
 
     def curve(out, *extra):
         args = ["curve", "--model", str(tmp_path / "student"), "--teacher",
@@ -182,16 +181,10 @@ def test_curve_extends_past_its_pool_exactly(tmp_path):
 def test_a_decayed_method_is_compared_with_its_constant_twin(tmp_path):
     """`deep2-kd+cos` decays its learning rate to 0 at the last milestone: it is compared with
     `deep2-kd` in the table, its export says so, and it cannot be extended past its horizon."""
-    from tiny import tiny_llama
-
     from idp_core.bank import PromptBank
     from idp_core.lab.cli import main
 
-    for name, seed in (("student", 0), ("teacher", 1)):
-        lm = tiny_llama(seed=seed)
-        lm.model.save_pretrained(tmp_path / name)
-        lm.tokenizer.save_pretrained(tmp_path / name)
-    _write_data(tmp_path / "data")
+    _write_models_and_data(tmp_path)
     args = ["curve", "--model", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
             "--data", str(tmp_path / "data"), "--methods", "deep2-kd,deep2-kd+cos",
             "--seq-len", "16", "--batch-size", "2", "--windows", "1", "--wikitext-windows", "1",
