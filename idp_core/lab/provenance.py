@@ -13,19 +13,24 @@ from typing import Any
 from idp_core.paths import REPO
 
 
-def git_commit(*, short: bool = False) -> str:
-    """HEAD of this repository; the full hash gets "+uncommitted" when tracked files changed.
-    "unknown" without git or outside a checkout."""
+def git_commit(*, short: bool = False, ignore: str | Path | None = None,
+               repo: Path = REPO) -> str:
+    """HEAD of this repository; the full hash gets "+uncommitted" when tracked files changed,
+    other than under `ignore` (a run's own output folder, whose tracked records the run itself
+    rewrites). "unknown" without git or outside a checkout."""
 
     def git(*argv: str) -> str:
         return subprocess.run(["git", *argv], capture_output=True, text=True, check=True,
-                              cwd=REPO).stdout.strip()
+                              cwd=repo).stdout.strip()
 
     try:
         if short:
             return git("rev-parse", "--short", "HEAD")
         commit = git("rev-parse", "HEAD")
-        if git("status", "--porcelain", "--untracked-files=no"):
+        spec = ["--", "."]
+        if ignore is not None and Path(ignore).resolve().is_relative_to(repo.resolve()):
+            spec.append(f":(exclude){Path(ignore).resolve().relative_to(repo.resolve())}")
+        if git("status", "--porcelain", "--untracked-files=no", *spec):
             commit += "+uncommitted"
         return commit
     except (OSError, subprocess.CalledProcessError):

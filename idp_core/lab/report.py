@@ -34,7 +34,8 @@ def load_tasks(folder: str | Path, names: list[str] | None, *, limit: int | None
 
 def run_method(engine, tasks, *, selection: str, batch_size: int, ppl_ids, ppl_windows: int,
                ppl_seq_len: int, reuse: dict[str, Any] | None = None,
-               on_task: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+               on_task: Callable[[dict[str, Any]], None] | None = None,
+               git: str | None = None) -> dict[str, Any]:
     """All tasks (and WikiText-2 perplexity if `ppl_ids` is given) for one selection; tasks in
     `reuse` (name -> saved result) are copied instead of run; `on_task` gets the result so far
     after each task that ran (to save it, so a stopped run resumes task by task)."""
@@ -50,7 +51,7 @@ def run_method(engine, tasks, *, selection: str, batch_size: int, ppl_ids, ppl_w
         res.wall_s = round(time.perf_counter() - start, 1)
         out["tasks"][task.name] = {**asdict(res), "num_total": task.num_total,
                                    "source": task.source, "group": task.group,
-                                   "git": git_commit()}
+                                   "git": git or git_commit()}
         print(f"  {task.name:>16} [{selection}] {res.metrics()}  ({res.wall_s}s)", flush=True)
         if on_task is not None:
             on_task(out)
@@ -189,6 +190,9 @@ def run_report(args: argparse.Namespace) -> int:
     out = Path(args.out or "docs")
     raw_dir = out / "recovery_raw"
     raw_dir.mkdir(parents=True, exist_ok=True)
+    # The code this process runs is the code at its start; its own records under `out` are
+    # tracked files it rewrites, not a change to the code.
+    commit = git_commit(ignore=out)
     bank_path, lora_path = Path(args.bank or DEFAULT_BANK), Path(args.lora or DEFAULT_LORA)
     requested = args.methods.split(",") if args.methods else None
     needs_bank = requested is None or any(r.split(":")[0] in ("prompt", "concat", "idp",
@@ -254,7 +258,7 @@ def run_report(args: argparse.Namespace) -> int:
         t0 = time.perf_counter() - saved_wall  # the wall time includes a stopped run's
         on_task = functools.partial(_save, path, head, t0, partial=True)
         result = run_method(engine, tasks, selection=sel, ppl_ids=ppl_ids, reuse=reuse,
-                            on_task=on_task, **common)
+                            on_task=on_task, git=commit, **common)
         if ppl_ids is None and kind == "idp-item" and IDP in raw:
             result["wikitext2_ppl"] = raw[IDP].get("wikitext2_ppl")
         raw[name] = _save(path, head, t0, result)

@@ -171,3 +171,29 @@ def test_report_methods_can_name_one_prompt(tiny, tiny_bank):
     assert len(report_methods(tiny_bank, ["prompt"])) == 3
     with pytest.raises(ValueError, match="prompt:nope"):
         report_methods(tiny_bank, ["prompt:nope"])
+
+
+def test_git_commit_ignores_the_runs_own_output(tmp_path):
+    """A report rewrites its tracked records as it runs; only changes elsewhere mark the
+    commit "+uncommitted"."""
+    import subprocess
+
+    from idp_core.lab.provenance import git_commit
+
+    def git(*argv):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *argv], cwd=tmp_path,
+                       check=True, capture_output=True)
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "code.py").write_text("a = 1\n")
+    (tmp_path / "out" / "raw.json").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "x")
+    head = git_commit(repo=tmp_path)
+    assert len(head) == 40 and not head.endswith("+uncommitted")
+    (tmp_path / "out" / "raw.json").write_text('{"tasks": 1}\n')
+    assert git_commit(repo=tmp_path, ignore=tmp_path / "out") == head
+    assert git_commit(repo=tmp_path) == head + "+uncommitted"
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert git_commit(repo=tmp_path, ignore=tmp_path / "out") == head + "+uncommitted"
