@@ -293,9 +293,9 @@ def bootstrap_difference(base: list[float], a: list[float], b: list[float], targ
 
 
 def comparisons(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each prompt method against each LoRA method of the same loss, and each decayed method
-    (`+cos`) against its constant-rate twin, at their last common milestone: differences of gap
-    shares (a - b) with paired bootstrap CIs."""
+    """Each prompt method against each LoRA method of the same loss and schedule, and each
+    decayed method (`+cos`) against its constant-rate twin, at their last common milestone:
+    differences of gap shares (a - b) with paired bootstrap CIs."""
     base, teacher = record["baselines"]["compressed"], record["baselines"]["teacher"]
     mixed = [s for s in base if s != "wikitext2"]
     methods = record.get("methods", {})
@@ -303,7 +303,8 @@ def comparisons(record: dict[str, Any]) -> list[dict[str, Any]]:
     for a, ea in methods.items():
         for b, eb in methods.items():
             prompt_vs_lora = (ea["family"] != "lora" and eb["family"] == "lora"
-                              and ea["loss"] == eb["loss"])
+                              and ea["loss"] == eb["loss"]
+                              and a.endswith("+cos") == b.endswith("+cos"))
             if not (prompt_vs_lora or a == f"{b}+cos"):
                 continue
             common = sorted({m["tokens"] for m in ea["milestones"]} &

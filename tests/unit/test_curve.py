@@ -186,7 +186,7 @@ def test_a_decayed_method_is_compared_with_its_constant_twin(tmp_path):
 
     _write_models_and_data(tmp_path)
     args = ["curve", "--model", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
-            "--data", str(tmp_path / "data"), "--methods", "deep2-kd,deep2-kd+cos",
+            "--data", str(tmp_path / "data"), "--methods", "deep2-kd,deep2-kd+cos,lora2-kd",
             "--seq-len", "16", "--batch-size", "2", "--windows", "1", "--wikitext-windows", "1",
             "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
     assert main([*args, "--milestones", "32,256"]) == 0  # 8 steps: 5 of warm-up, 3 of decay
@@ -195,7 +195,10 @@ def test_a_decayed_method_is_compared_with_its_constant_twin(tmp_path):
     assert decayed["schedule_steps"] == 8 and "schedule_steps" not in constant
     assert decayed["milestones"][0]["scores"] == constant["milestones"][0]["scores"]
     assert decayed["milestones"][1]["scores"] != constant["milestones"][1]["scores"]
-    assert "| deep2-kd+cos | deep2-kd | 256 |" in (tmp_path / "out" / "curve.md").read_text()
+    rows = (tmp_path / "out" / "curve.md").read_text().splitlines()
+    pairs = [r.split(" | ")[:3] for r in rows if r.count(" | ") == 6 and " | 256 | " in r]
+    # the decayed prompt meets its constant twin, and not the constant LoRA
+    assert pairs == [["| deep2-kd", "lora2-kd", "256"], ["| deep2-kd+cos", "deep2-kd", "256"]]
     assert PromptBank.load(tmp_path / "work" / "deep2-kd-cos-bank").training["schedule"] == "cosine"
     with pytest.raises(SystemExit, match="cannot be extended"):
         main([*args, "--milestones", "32,256,288"])
