@@ -101,6 +101,7 @@ class GenConfig:
 
 # Learning rates per method, from short runs on the default model (docs/curve/notes.md).
 DEFAULT_LR = {"shallow": 3e-2, "deep": 1e-2, "lora": 2e-3}
+LR_SCHEDULES = ("constant", "cosine")  # the learning rate after warm-up (lab/fit.py)
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ class TrainConfig:
         for name, value, allowed in (("kind", self.kind, ("shallow", "deep")),
                                      ("loss", self.loss, ("lm", "kd", "mix")),
                                      ("init", self.init, ("text", "vocab")),
-                                     ("schedule", self.schedule, ("constant", "cosine"))):
+                                     ("schedule", self.schedule, LR_SCHEDULES)):
             if value not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {value!r}")
         if self.lr is not None and self.lr <= 0:

@@ -304,7 +304,7 @@ def comparisons(record: dict[str, Any]) -> list[dict[str, Any]]:
         for b, eb in methods.items():
             prompt_vs_lora = (ea["family"] != "lora" and eb["family"] == "lora"
                               and ea["loss"] == eb["loss"]
-                              and a.endswith("+cos") == b.endswith("+cos"))
+                              and Method.parse(a).schedule == Method.parse(b).schedule)
             if not (prompt_vs_lora or a == f"{b}+cos"):
                 continue
             common = sorted({m["tokens"] for m in ea["milestones"]} &

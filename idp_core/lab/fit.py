@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-SCHEDULES = ("constant", "cosine")
+from idp_core.config import LR_SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,8 @@ class FitConfig:
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup < 0:
             raise ValueError(f"FitConfig lr > 0, weight_decay >= 0, warmup >= 0 needed, got "
                              f"{self.lr}/{self.weight_decay}/{self.warmup}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"FitConfig.schedule must be one of {SCHEDULES}, got "
+        if self.schedule not in LR_SCHEDULES:
+            raise ValueError(f"FitConfig.schedule must be one of {LR_SCHEDULES}, got "
                              f"{self.schedule!r}")
 
     def lr_at(self, step: int) -> float:

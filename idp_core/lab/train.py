@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from idp_core.bank import PromptBank
-from idp_core.config import TrainConfig
+from idp_core.config import LR_SCHEDULES, TrainConfig
 from idp_core.lab.data import DEFAULT_CALIB, describe_data, read_texts, tokenize_chunks
 from idp_core.lab.fit import FitConfig, FitState, fit
 from idp_core.lab.objective import (
@@ -342,7 +342,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None,
                         help="default: shallow 3e-2, deep 1e-2, LoRA 2e-3")
     parser.add_argument("--warmup", type=int, default=d.warmup)
-    parser.add_argument("--schedule", default=d.schedule, choices=["constant", "cosine"],
+    parser.add_argument("--schedule", default=d.schedule, choices=LR_SCHEDULES,
                         help="learning rate after warm-up (cosine: down to 0 at the last step)")
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
     parser.add_argument("--clusters", action="store_true",
