@@ -13,8 +13,7 @@ from typing import Any
 from idp_core.paths import REPO
 
 
-def git_commit(*, short: bool = False, ignore: str | Path | None = None,
-               repo: Path = REPO) -> str:
+def git_commit(*, ignore: str | Path | None = None, repo: Path = REPO) -> str:
     """HEAD of this repository; the full hash gets "+uncommitted" when tracked files changed,
     other than under `ignore` (a run's own output folder, whose tracked records the run itself
     rewrites). "unknown" without git or outside a checkout."""
@@ -24,8 +23,6 @@ def git_commit(*, short: bool = False, ignore: str | Path | None = None,
                               cwd=repo).stdout.strip()
 
     try:
-        if short:
-            return git("rev-parse", "--short", "HEAD")
         commit = git("rev-parse", "HEAD")
         spec = ["--", "."]
         if ignore is not None and Path(ignore).resolve().is_relative_to(repo.resolve()):

@@ -120,6 +120,15 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _rows_git(meta: dict[str, Any]) -> str:
+    """", tasks ran at: row c1, c2; ..." where a row's tasks ran at another commit than the
+    render's (reused or resumed rows); empty otherwise."""
+    rows = {name: c for name, c in (meta.get("rows_git") or {}).items() if c != [meta["git"]]}
+    if not rows:
+        return ""
+    return " (tasks ran at: " + "; ".join(f"{n} {', '.join(c)}" for n, c in rows.items()) + ")"
+
+
 def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     tasks, groups, rows = summary["tasks"], summary["groups"], summary["rows"]
     avgs = [*groups, "Average"]
@@ -127,7 +136,8 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
             *avgs, "Trainable params", "WikiText-2 ppl"]
     lines = [f"# Accuracy recovery on {meta['model']}", "",
              f"Command: `{meta['command']}`", "",
-             f"Git {meta['git']}, dtype {meta['dtype']}, {meta['date']}; limit {meta['limit']} "
+             f"Git {meta['git']}{_rows_git(meta)}, dtype {meta['dtype']}, {meta['date']}; "
+             f"limit {meta['limit']} "
              f"items per task (fixed seed {meta['seed']}); `.sample` files used whole. "
              "Accuracy in % (exact match for TriviaQA/WebQuestions, LAMBADA last-word acc); "
              "averages are unweighted means over tasks. WikiText-2 perplexity over "

@@ -180,6 +180,19 @@ def report_methods(bank, requested: list[str] | None) -> list[tuple[str, str, st
 UNPROMPTED = ("uncompressed", "compressed", "lora")  # rows that use no prompt bank
 
 
+def short_commit(commit: str) -> str:
+    """A full hash (maybe "+uncommitted") in its 7-character short form, the suffix kept."""
+    head, plus, rest = commit.partition("+")
+    return head[:7] + plus + rest
+
+
+def rows_git(raw: dict[str, Any]) -> dict[str, list[str]]:
+    """The commits each row's tasks ran at (a row reused or resumed from earlier runs can carry
+    several), short form, sorted."""
+    return {name: sorted({short_commit(t["git"]) for t in row["tasks"].values() if t.get("git")})
+            for name, row in raw.items()}
+
+
 def run_report(args: argparse.Namespace) -> int:
     from idp_core.bank import PromptBank
     from idp_core.build import build_engine
@@ -265,7 +278,7 @@ def run_report(args: argparse.Namespace) -> int:
     summary = summarise(raw)
     meta = {"model": source.name, "bank": str(bank_path), "lora": str(lora_path),
             "limit": args.limit, "seed": args.seed, "dtype": args.dtype,
-            "git": git_commit(short=True),
+            "git": short_commit(commit), "rows_git": rows_git(raw),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "ppl_windows": args.ppl_windows, "ppl_seq_len": args.ppl_seq_len,
             "command": getattr(args, "command_line", None) or _command(args)}

@@ -62,9 +62,12 @@ def test_paired_differences(summary):
 
 
 def test_files(summary, tmp_path):
-    meta = {"model": "m", "command": "idp report --limit 4", "git": "abc", "dtype": "bfloat16",
-            "date": "today", "limit": 4, "seed": 1, "ppl_windows": 8, "ppl_seq_len": 512}
+    meta = {"model": "m", "command": "idp report --limit 4", "git": "abc1234", "dtype": "bfloat16",
+            "date": "today", "limit": 4, "seed": 1, "ppl_windows": 8, "ppl_seq_len": 512,
+            "rows_git": {"compressed": ["abc1234"], IDP: ["0f9d406", "abc1234"]}}
     text = markdown(summary, meta)
+    # only rows whose tasks ran elsewhere than the render's commit are named
+    assert "Git abc1234 (tasks ran at: +IDP 0f9d406, abc1234), dtype" in text
     assert "| +IDP | 50.0 | 50.0 | 50.0 |" in text
     assert "idp report --limit 4" in text and "1,152" in text
     # ppl 30 -> 25 of the 30 -> 20 increase: half of it won back
@@ -171,6 +174,15 @@ def test_report_methods_can_name_one_prompt(tiny, tiny_bank):
     assert len(report_methods(tiny_bank, ["prompt"])) == 3
     with pytest.raises(ValueError, match="prompt:nope"):
         report_methods(tiny_bank, ["prompt:nope"])
+
+
+def test_rows_git_names_the_commits_each_rows_tasks_ran_at():
+    from idp_core.lab.report import rows_git
+
+    raw = {"+IDP": {"tasks": {"arc": {"git": "0123456789ab+uncommitted"},
+                              "piqa": {"git": "fedcba987654"}, "sciq": {"git": "fedcba987654"}}},
+           "old": {"tasks": {"arc": {}}}}
+    assert rows_git(raw) == {"+IDP": ["0123456+uncommitted", "fedcba9"], "old": []}
 
 
 def test_git_commit_ignores_the_runs_own_output(tmp_path):
