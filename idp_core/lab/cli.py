@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-tasks": ("idp_core.lab.report",
                    "`idp eval tasks`: task suite (ARC, PIQA, HellaSwag, ...) through the engine"),
     "report": ("idp_core.lab.report", "recovery grid: Table 1 Markdown, JSON and PNGs with CIs"),
+    "compare": ("idp_core.lab.recovery",
+                "paired differences between two saved report rows on the same items"),
     "curve": ("idp_core.lab.curve", "recovery curve: train methods, score them at milestones"),
     "oracle": ("idp_core.lab.oracle",
                "oracle analysis: each prompt on held-out text, headroom, what selection captures"),

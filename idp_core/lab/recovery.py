@@ -1,9 +1,12 @@
 """Summarise the recovery grid that `report.py` runs (point estimates, paired bootstrap CIs,
 share of the compression loss recovered) and render it: Table 1-style Markdown and two PNGs.
-Reads saved raw results, so older runs re-render without running anything."""
+Reads saved raw results, so older runs re-render without running anything. `idp compare`:
+paired differences between two saved rows of reports on the same items (two banks, say)."""
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ from idp_core.lab.tasks import (
     GROUP_ORDER,
     PRIMARY,
     bootstrap_ci,
+    bootstrap_indices,
     bootstrap_means,
     lambada_perplexity,
 )
@@ -22,8 +26,10 @@ IDP = "+IDP"
 
 
 # ---- summarising ----------------------------------------------------------------------------
-def summarise(raw: dict[str, dict[str, Any]], *, seed: int = 0) -> dict[str, Any]:
-    """Point estimates, 95% CIs and paired bootstrap replicates of every figure, per method.
+def summarise(raw: dict[str, dict[str, Any]], *, seed: int = 0,
+              pairs: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Point estimates, 95% CIs and paired bootstrap replicates of every figure, per method;
+    `pairs` (a, b) to difference, by default the grid's (see `differences`).
 
     Averages are unweighted means over tasks of each task's primary metric (acc, or exact
     match); their CIs resample every task's items independently with the same indices for every
@@ -36,6 +42,7 @@ def summarise(raw: dict[str, dict[str, Any]], *, seed: int = 0) -> dict[str, Any
     groups = {g: ts for g, ts in groups.items() if ts}
     rows: dict[str, Any] = {}
     reps: dict[str, dict[str, np.ndarray]] = {}
+    points: dict[str, dict[str, float]] = {}  # the average and pooled figures themselves
     for m in methods:
         row: dict[str, Any] = {"params": raw[m]["params"], "tasks": {}, "averages": {}}
         reps[m] = {}
@@ -63,10 +70,14 @@ def summarise(raw: dict[str, dict[str, Any]], *, seed: int = 0) -> dict[str, Any
         sizes = np.array([len(raw[m]["tasks"][t]["per_item"][row["tasks"][t]["primary"]])
                           for t in tasks])
         reps[m]["Items pooled"] = sizes @ np.array([reps[m][t] for t in tasks]) / sizes.sum()
+        points[m] = {"Average": row["averages"]["Average"]["value"],
+                     "Items pooled": float(sizes @ np.array(
+                         [row["tasks"][t][row["tasks"][t]["primary"]] for t in tasks])
+                         / sizes.sum())}
         row["wikitext2_ppl"] = raw[m].get("wikitext2_ppl")
         rows[m] = row
     return {"methods": methods, "tasks": tasks, "groups": groups, "rows": rows,
-            "differences": differences(methods, reps)}
+            "differences": differences(methods, points, reps, pairs)}
 
 
 def _ci(rep: np.ndarray) -> tuple[float, float]:
@@ -74,20 +85,23 @@ def _ci(rep: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def differences(methods: list[str], reps: dict[str, dict[str, np.ndarray]]) -> list[dict]:
-    """Paired bootstrap CIs on the overall average (tasks weighted alike) and on all items
-    pooled (items weighted alike; `pooled_*`): the compression gap (uncompressed minus
-    compressed), then IDP minus every other method."""
-    pairs = [("uncompressed", "compressed")] if {"uncompressed", "compressed"} <= set(methods) \
-        else []
-    if IDP in methods:
-        pairs += [(IDP, m) for m in methods if m != IDP]
+def differences(methods: list[str], points: dict[str, dict[str, float]],
+                reps: dict[str, dict[str, np.ndarray]],
+                pairs: list[tuple[str, str]] | None = None) -> list[dict]:
+    """a - b for each pair on the overall average (tasks weighted alike) and on all items
+    pooled (items weighted alike; `pooled_*`), with paired bootstrap CIs; by default the
+    compression gap (uncompressed minus compressed), then IDP minus every other method."""
+    if pairs is None:
+        pairs = [("uncompressed", "compressed")] \
+            if {"uncompressed", "compressed"} <= set(methods) else []
+        if IDP in methods:
+            pairs += [(IDP, m) for m in methods if m != IDP]
     out = []
     for a, b in pairs:
         d: dict[str, Any] = {"a": a, "b": b}
         for key, name in (("", "Average"), ("pooled_", "Items pooled")):
             diff = reps[a][name] - reps[b][name]
-            d.update({f"{key}diff": float(np.mean(diff)), f"{key}ci": _ci(diff),
+            d.update({f"{key}diff": points[a][name] - points[b][name], f"{key}ci": _ci(diff),
                       f"{key}p_le_0": float(np.mean(diff <= 0))})
         out.append(d)
     return out
@@ -263,3 +277,55 @@ def plots(summary: dict[str, Any], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "recovery_params.png", dpi=120)
     plt.close(fig)
+
+
+# ---- comparing two saved rows ---------------------------------------------------------------
+SAME_ITEMS = ("limit", "seed", "tasks")  # settings two rows must share to be paired item by item
+
+
+def compare_rows(a: dict[str, Any], b: dict[str, Any], *, names: tuple[str, str] = ("a", "b"),
+                 seed: int = 0) -> dict[str, Any]:
+    """a - b for two saved report rows (`recovery_raw/*.json`) scored on the same items: each
+    task's accuracy and the average and pooled figures, with paired bootstrap 95 % CIs."""
+    for key in SAME_ITEMS:
+        if a["settings"].get(key) != b["settings"].get(key):
+            raise ValueError(f"{names[0]} and {names[1]} were run on other items: {key} "
+                             f"{a['settings'].get(key)} vs {b['settings'].get(key)}")
+    summary = summarise({names[0]: a, names[1]: b}, seed=seed, pairs=[names])
+    ra, rb = (summary["rows"][n] for n in names)
+    tasks = {}
+    for t in summary["tasks"]:
+        key = ra["tasks"][t]["primary"]
+        x, y = (np.asarray(r["tasks"][t]["per_item"][key], dtype=np.float64) for r in (a, b))
+        diff = x - y
+        rep = diff[bootstrap_indices(len(diff), num=NUM_BOOT, seed=seed)].mean(axis=1)
+        tasks[t] = {"n": len(diff), "a": ra["tasks"][t][key], "b": rb["tasks"][t][key],
+                    "diff": float(diff.mean()), "ci": _ci(rep)}
+    return {"a": names[0], "b": names[1], "tasks": tasks, **summary["differences"][0]}
+
+
+def compare_markdown(c: dict[str, Any]) -> str:
+    lines = [f"a = {c['a']}, b = {c['b']} (points; paired bootstrap 95 % CIs)", "",
+             "| task | n | a | b | a - b | 95 % CI |", "|---|---|---|---|---|---|"]
+    for t, r in c["tasks"].items():
+        lines.append(f"| {t} | {r['n']} | {pct(r['a'])} | {pct(r['b'])} | {pct(r['diff'])} | "
+                     f"{pct(r['ci'][0])} to {pct(r['ci'][1])} |")
+    for key, name in (("", "average over tasks"), ("pooled_", "items pooled")):
+        lines.append(f"| {name} | | | | {pct(c[key + 'diff'])} | {pct(c[key + 'ci'][0])} to "
+                     f"{pct(c[key + 'ci'][1])} |")
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("a", help="a saved report row (recovery_raw/NAME.json)")
+    parser.add_argument("b", help="another row of a report on the same items")
+    parser.add_argument("--out", default=None, help="write the comparison as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    a, b = (json.loads(Path(f).read_text()) for f in (args.a, args.b))
+    c = compare_rows(a, b, names=(args.a, args.b))
+    if args.out:
+        Path(args.out).write_text(json.dumps(c, indent=1) + "\n")
+    print(compare_markdown(c), end="")
+    return 0

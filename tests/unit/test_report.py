@@ -209,3 +209,24 @@ def test_git_commit_ignores_the_runs_own_output(tmp_path):
     assert git_commit(repo=tmp_path) == head + "+uncommitted"
     (tmp_path / "code.py").write_text("a = 2\n")
     assert git_commit(repo=tmp_path, ignore=tmp_path / "out") == head + "+uncommitted"
+
+
+def test_compare_two_saved_rows_item_by_item():
+    """`idp compare`: a - b per task and over every item, against the obvious arithmetic; rows
+    scored on other items are refused."""
+    from idp_core.lab.recovery import compare_markdown, compare_rows
+
+    settings = {"limit": 4, "seed": 1, "tasks": ["arc_easy", "lambada_openai", "piqa"]}
+    a = {**_raw([1, 1, 0, 0], [1, 1, 1, 0], 1), "settings": settings}
+    b = {**_raw([1, 0, 0, 0], [1, 1, 0, 0], 1), "settings": {**settings, "bank": "other"}}
+    c = compare_rows(a, b, names=("new", "old"))
+    assert c["tasks"]["arc_easy"]["diff"] == pytest.approx(0.25)
+    assert c["tasks"]["piqa"]["diff"] == pytest.approx(0.25)
+    assert c["tasks"]["lambada_openai"]["diff"] == 0.0
+    assert c["diff"] == pytest.approx((0.25 + 0.25 + 0) / 3)
+    assert c["pooled_diff"] == pytest.approx(2 / 10)
+    lo, hi = c["tasks"]["arc_easy"]["ci"]
+    assert 0 <= lo <= 0.25 <= hi  # a never below b on an item: no replicate below 0
+    assert "| arc_easy | 4 | 50.0 | 25.0 | 25.0 |" in compare_markdown(c)
+    with pytest.raises(ValueError, match="other items: limit 4 vs 500"):
+        compare_rows(a, {**b, "settings": {**settings, "limit": 500}})
