@@ -38,16 +38,18 @@ from idp_core.model import LoadedModel, load_model
 log = logging.getLogger(__name__)
 
 _SPEC = re.compile(r"^(shallow|deep|lora)(\d+)-(lm|kd|mix)(?:@([0-9.e-]+))?(?:/(text|vocab))?"
-                   r"(\+cos)?$")
+                   r"(\+mlp)?(\+cos)?$")
 
 
 @dataclass(frozen=True)
 class Method:
-    """One trained recovery method, written `<family><size>-<loss>[@lr][/init][+cos]` (e.g.
-    deep16-kd, lora4-lm, shallow16-lm@0.1/vocab, deep16-kd@1e-2+cos): size is the prompt length
-    in tokens, or the LoRA rank; init is how a prompt starts: from the embeddings (or KV) of real
-    text, or from random vocabulary rows; `+cos` decays the learning rate after warm-up along
-    half a cosine to 0 at the curve's last milestone (else it stays constant)."""
+    """One trained recovery method, written `<family><size>-<loss>[@lr][/init][+mlp][+cos]`
+    (e.g. deep16-kd, lora4-lm, shallow16-lm@0.1/vocab, deep16-kd@1e-2+cos): size is the prompt
+    length in tokens, or the LoRA rank; init is how a prompt starts: from the embeddings (or KV)
+    of real text, or from random vocabulary rows; `+mlp` trains a deep prompt through
+    prefix-tuning's MLP (`lab/train.py` PrefixMLP; the export holds only the prompt); `+cos`
+    decays the learning rate after warm-up along half a cosine to 0 at the curve's last
+    milestone (else it stays constant)."""
 
     name: str
     family: str
@@ -60,13 +62,20 @@ class Method:
     def schedule(self) -> str:  # in the name only, so records and checkpoints keep their form
         return "cosine" if self.name.endswith("+cos") else "constant"
 
+    @property
+    def reparam(self) -> str | None:  # in the name only, as the schedule
+        return "mlp" if "+mlp" in self.name else None
+
     @classmethod
     def parse(cls, spec: str, lr: float | None = None) -> Method:
         m = _SPEC.match(spec)
         if m is None:
             raise ValueError(f"method {spec!r}: write <shallow|deep|lora><size>-<lm|kd|mix>"
-                             f"[@lr][/text|/vocab][+cos], e.g. deep16-kd or deep16-kd@3e-3")
+                             f"[@lr][/text|/vocab][+mlp][+cos], e.g. deep16-kd or "
+                             f"deep16-kd@3e-3")
         family, size, loss = m.group(1), int(m.group(2)), m.group(3)
+        if m.group(6) and family != "deep":
+            raise ValueError(f"method {spec!r}: +mlp reparameterises a deep prompt only")
         rate = float(m.group(4)) if m.group(4) else lr or DEFAULT_LR[family]
         return cls(spec, family, size, loss, rate, m.group(5) or "text")
 
@@ -187,8 +196,8 @@ def run_method(method: Method, lm: LoadedModel, teacher: LoadedModel, chunks: Te
     if not todo:
         return
     student = make_student(lm, method.family, method.size, chunks, init=method.init,
-                           seed=settings["seed"])
-    model, prompt, params = student.model, student.prompt, student.params
+                           seed=settings["seed"], reparam=method.reparam)
+    model, params = student.model, student.params
     entry["trainable_parameters"] = sum(p.numel() for p in params)
     steps_at = {t: max(1, t // (batch_size * seq_len)) for t in todo}
     horizon = max(1, max(milestones) // (batch_size * seq_len))
@@ -206,6 +215,8 @@ def run_method(method: Method, lm: LoadedModel, teacher: LoadedModel, chunks: Te
                     settings={**settings, "method": asdict(method)}, until=steps_at[tokens],
                     desc=method.name)
         model.eval()
+        with torch.no_grad():
+            prompt = student.prompt()
         scores = score_all(model, windows, teacher_logp, prompt, batch_size=eval_batch)
         entry["milestones"].append({
             "tokens": tokens, "steps": state.step, "tokens_seen": state.tokens,
@@ -219,10 +230,12 @@ def run_method(method: Method, lm: LoadedModel, teacher: LoadedModel, chunks: Te
         save()
         log.info("%s at %d tokens: %s", method.name, tokens, summary_line(record, method.name))
     made = made_by(method, entry, record, settings)
-    if prompt is not None:
+    if student.encoder is not None:
         from idp_core.bank import PromptBank
 
-        PromptBank([slug(method)], [prompt.detach().float().cpu()], lm.fingerprint.to_dict(),
+        with torch.no_grad():
+            prompt = student.prompt().float().cpu()
+        PromptBank([slug(method)], [prompt], lm.fingerprint.to_dict(),
                    made, kind=method.family).save(work / f"{slug(method)}-bank")
     else:
         from idp_core.lab.train import LORA_TARGETS, write_train_json
@@ -245,6 +258,7 @@ def made_by(method: Method, entry: dict[str, Any], record: dict[str, Any],
     last = entry["milestones"][-1]
     return {"method": method.name, "family": method.family, "loss": method.loss,
             "lr": method.lr, "init": method.init, "schedule": method.schedule,
+            **({"reparam": method.reparam} if method.reparam else {}),
             "batch_size": entry["batch_size"],
             "tokens": last["tokens_seen"], "steps": last["steps"],
             "tokens_per_s": last["tokens_per_s"], "train_loss_last10": last["train_loss_last10"],
@@ -293,19 +307,23 @@ def bootstrap_difference(base: list[float], a: list[float], b: list[float], targ
 
 
 def comparisons(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each prompt method against each LoRA method of the same loss and schedule, and each
-    decayed method (`+cos`) against its constant-rate twin, at their last common milestone:
-    differences of gap shares (a - b) with paired bootstrap CIs."""
+    """Each prompt method against each LoRA method of the same loss and schedule, each
+    decayed method (`+cos`) against its constant-rate twin, and each reparameterised prompt
+    (`+mlp`) against each plain one of the same size, loss, init and schedule, at their last
+    common milestone: differences of gap shares (a - b) with paired bootstrap CIs."""
     base, teacher = record["baselines"]["compressed"], record["baselines"]["teacher"]
     mixed = [s for s in base if s != "wikitext2"]
     methods = record.get("methods", {})
     out = []
     for a, ea in methods.items():
         for b, eb in methods.items():
+            ma_, mb_ = Method.parse(a), Method.parse(b)
             prompt_vs_lora = (ea["family"] != "lora" and eb["family"] == "lora"
-                              and ea["loss"] == eb["loss"]
-                              and Method.parse(a).schedule == Method.parse(b).schedule)
-            if not (prompt_vs_lora or a == f"{b}+cos"):
+                              and ea["loss"] == eb["loss"] and ma_.schedule == mb_.schedule)
+            twins = ((ma_.family, ma_.size, ma_.loss, ma_.init, ma_.schedule)
+                     == (mb_.family, mb_.size, mb_.loss, mb_.init, mb_.schedule))
+            mlp_vs_plain = twins and ma_.reparam == "mlp" and mb_.reparam is None
+            if not (prompt_vs_lora or a == f"{b}+cos" or mlp_vs_plain):
                 continue
             common = sorted({m["tokens"] for m in ea["milestones"]} &
                             {m["tokens"] for m in eb["milestones"]})
@@ -406,9 +424,9 @@ def render(record: dict[str, Any], out: Path) -> None:
             f"{r['mixed_ppl']:.2f} | {pct(r['mixed_ppl_share'])} | {pct(r['mixed_kl_share'])} |")
     pairs = comparisons(record)
     if pairs:
-        lines += ["", "Differences at equal objective and tokens, a - b (prompt - LoRA, or "
-                  "decayed - constant learning rate; percentage points of each gap; paired "
-                  "bootstrap 95 % CI over windows):", "",
+        lines += ["", "Differences at equal objective and tokens, a - b (prompt - LoRA, "
+                  "decayed - constant learning rate, or reparameterised (+mlp) - plain prompt; "
+                  "percentage points of each gap; paired bootstrap 95 % CI over windows):", "",
                   "| a | b | tokens | WT2 PPL gap | WT2 KL gap | mixed PPL gap | "
                   "mixed KL gap |", "|---|---|---|---|---|---|---|"]
         for r in pairs:

@@ -39,28 +39,72 @@ from idp_core.model import LoadedModel, attach_lora, lora_parameters, resolve_dt
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TRAIN_FILE = "train.json"
+MLP_HIDDEN = 512  # PrefixMLP's width, as P-tuning v2's prefix encoder
 
 
 @dataclass
 class Student:
-    """What one method trains on the frozen model: the module that runs, the prompt it runs
-    with (None for LoRA), and the trainable tensors."""
+    """What one method trains on the frozen model: the module that runs, the trainable tensors
+    and, for a prompt, the module that makes the prompt from them (None for LoRA)."""
 
     model: torch.nn.Module
-    prompt: Tensor | None
     params: list[Tensor]
+    encoder: torch.nn.Module | None = None
+
+    def prompt(self) -> Tensor | None:
+        """The prompt the model runs with now: [n, d] (shallow) or [2, layers, Hkv, n, D]."""
+        return None if self.encoder is None else self.encoder()
+
+
+class DirectPrompt(torch.nn.Module):
+    """A prompt trained as itself: the tensor is the parameter."""
+
+    def __init__(self, start: Tensor) -> None:
+        super().__init__()
+        self.prompt = torch.nn.Parameter(start.float().clone())
+
+    def forward(self) -> Tensor:
+        return self.prompt
+
+
+class PrefixMLP(torch.nn.Module):
+    """A deep prompt reparameterised for training, as prefix-tuning does (Li and Liang, 2021):
+    for prompt token i, prompt[:, :, :, i] = start_i + W2 tanh(W1 e_i + b1) + b2, with e_i [d]
+    trainable (from the token's embedding), `start` the fixed initial prompt, and W2, b2 zero
+    at first, so training starts from `start`. The prompt is computed once after training and
+    the MLP dropped: the bank holds only the prompt, served as any deep prompt.
+    """
+
+    def __init__(self, start: Tensor, embeds: Tensor, hidden: int) -> None:
+        super().__init__()
+        self.register_buffer("start", start.float().clone())  # [2, layers, Hkv, n, D]
+        self.embeds = torch.nn.Parameter(embeds.float().clone())  # [n, d]
+        two, layers, heads, _, dim = start.shape
+        self.up = torch.nn.Linear(embeds.shape[1], hidden)
+        self.down = torch.nn.Linear(hidden, two * layers * heads * dim)
+        torch.nn.init.zeros_(self.down.weight)
+        torch.nn.init.zeros_(self.down.bias)
+
+    def forward(self) -> Tensor:
+        two, layers, heads, n, dim = self.start.shape
+        delta = self.down(torch.tanh(self.up(self.embeds)))  # [n, 2 * layers * Hkv * D]
+        return self.start + delta.view(n, two, layers, heads, dim).permute(1, 2, 3, 0, 4)
 
 
 def make_student(lm: LoadedModel, method: str, size: int, chunks: Tensor, *, init: str = "text",
-                 seed: int = 0, lora_alpha: int | None = None,
-                 start: Tensor | None = None) -> Student:
+                 seed: int = 0, lora_alpha: int | None = None, start: Tensor | None = None,
+                 reparam: str | None = None) -> Student:
     """A fresh student: a shallow or deep prompt of `size` tokens, or a LoRA of rank `size`.
 
     A prompt starts from `start` (a trained prompt of that shape) if given, else from the first
     `size` tokens of a seeded-random training chunk (`init` "text") or from `size` random
-    vocabulary ids ("vocab"); a LoRA wraps `lm.model` (float32 adapter weights, peft's
-    initialisation: B = 0, so it starts as the bare model).
+    vocabulary ids ("vocab"); `reparam` "mlp" trains a fresh deep prompt through a `PrefixMLP`
+    (width MLP_HIDDEN) fed those tokens' embeddings. A LoRA wraps `lm.model` (float32 adapter
+    weights, peft's initialisation: B = 0, so it starts as the bare model).
     """
+    if reparam is not None and (reparam != "mlp" or method != "deep" or start is not None):
+        raise ValueError(f"reparameterisation {reparam!r}: only 'mlp', for a fresh deep prompt "
+                         f"(this is a {method} one{', continued' if start is not None else ''})")
     if method == "lora":
         from peft import LoraConfig
 
@@ -68,17 +112,25 @@ def make_student(lm: LoadedModel, method: str, size: int, chunks: Tensor, *, ini
         attach_lora(lm, LoraConfig(r=size, lora_alpha=lora_alpha or 2 * size, lora_dropout=0.0,
                                    target_modules=list(LORA_TARGETS), bias="none",
                                    task_type="CAUSAL_LM"), adapter_fp32=True)
-        return Student(lm.model, None, [p for p in lm.model.parameters() if p.requires_grad])
+        return Student(lm.model, [p for p in lm.model.parameters() if p.requires_grad])
     if start is not None:
-        prompt = torch.nn.Parameter(start.float().to(lm.device).clone())
-        return Student(lm.model, prompt, [prompt])
-    g = torch.Generator().manual_seed(seed)
-    if init == "vocab":
-        ids = torch.randint(0, lm.model.config.vocab_size, (size,), generator=g)
+        encoder: torch.nn.Module = DirectPrompt(start)
     else:
-        ids = chunks[int(torch.randint(0, len(chunks), (1,), generator=g)), :size]
-    prompt = torch.nn.Parameter(init_from_text(lm, ids, method))
-    return Student(lm.model, prompt, [prompt])
+        g = torch.Generator().manual_seed(seed)
+        if init == "vocab":
+            ids = torch.randint(0, lm.model.config.vocab_size, (size,), generator=g)
+        else:
+            ids = chunks[int(torch.randint(0, len(chunks), (1,), generator=g)), :size]
+        first = init_from_text(lm, ids, method)
+        if reparam == "mlp":
+            with torch.no_grad():
+                embeds = lm.model.get_input_embeddings()(ids.to(lm.device))
+            torch.manual_seed(seed)  # the MLP's first layer starts random
+            encoder = PrefixMLP(first, embeds, MLP_HIDDEN)
+        else:
+            encoder = DirectPrompt(first)
+    encoder = encoder.to(lm.device)
+    return Student(lm.model, list(encoder.parameters()), encoder)
 
 
 def loss_function(student: Student, loss: str, teacher: torch.nn.Module | None,
@@ -94,7 +146,7 @@ def loss_function(student: Student, loss: str, teacher: torch.nn.Module | None,
         target = None
         if loss != "lm":
             target = cache.lookup(ids) if cache is not None else teacher_logprobs(teacher, ids)
-        return recovery_loss(loss, student_logits(student.model, ids, student.prompt), ids,
+        return recovery_loss(loss, student_logits(student.model, ids, student.prompt()), ids,
                              target)
     return loss_fn
 
@@ -192,7 +244,8 @@ def train_prompt(
                 checkpoint=checkpoint, desc=desc,
                 settings=_settings(lm, config, teacher, cache, length=length, seed=seed,
                                    **({} if started is None else {"start": started})))
-    return student.prompt.detach().float().cpu().clone(), state
+    with torch.no_grad():
+        return student.prompt().float().cpu().clone(), state
 
 
 def train_prompts(

@@ -63,6 +63,11 @@ def test_method_specs():
     assert (decayed.lr, decayed.init, decayed.schedule) == (1e-2, "vocab", "cosine")
     assert Method.parse("deep16-kd").schedule == "constant"
     assert slug(decayed) == "deep16-kd-lr1e-2-vocab-cos"
+    mlp = Method.parse("deep16-kd@3e-4+mlp+cos")
+    assert (mlp.lr, mlp.reparam, mlp.schedule) == (3e-4, "mlp", "cosine")
+    assert decayed.reparam is None and slug(mlp) == "deep16-kd-lr3e-4-mlp-cos"
+    with pytest.raises(ValueError, match=r"\+mlp reparameterises a deep prompt only"):
+        Method.parse("lora4-kd+mlp")
     with pytest.raises(ValueError, match="write <shallow|deep|lora>"):
         Method.parse("deep-kd")
 
@@ -202,3 +207,30 @@ def test_a_decayed_method_is_compared_with_its_constant_twin(tmp_path):
     assert PromptBank.load(tmp_path / "work" / "deep2-kd-cos-bank").training["schedule"] == "cosine"
     with pytest.raises(SystemExit, match="cannot be extended"):
         main([*args, "--milestones", "32,256,288"])
+
+
+def test_a_reparameterised_prompt_exports_only_the_prompt_and_meets_its_plain_twin(tmp_path):
+    """`deep2-kd@1e-3+mlp` trains the MLP's weights; its bank holds the prompt alone (the shape
+    of a plain deep prompt), and the table sets it against the plain prompt and the LoRA."""
+    from idp_core.bank import PromptBank
+    from idp_core.lab.cli import main
+
+    _write_models_and_data(tmp_path)
+    args = ["curve", "--model", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
+            "--data", str(tmp_path / "data"), "--methods", "deep2-kd,deep2-kd@1e-3+mlp,lora2-kd",
+            "--seq-len", "16", "--batch-size", "2", "--windows", "1", "--wikitext-windows", "1",
+            "--milestones", "32,64", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w")]
+    assert main(args) == 0
+    record = json.loads((tmp_path / "out" / "curve.json").read_text())
+    plain, mlp = record["methods"]["deep2-kd"], record["methods"]["deep2-kd@1e-3+mlp"]
+    assert plain["trainable_parameters"] == 256
+    # embeddings [n=2, d=64] + up [512, d] + 512 + down [k,v x layers x heads x D = 128, 512] + 128
+    assert mlp["trainable_parameters"] == 2 * 64 + 512 * 64 + 512 + 128 * 512 + 128
+    assert mlp["milestones"][-1]["scores"] != plain["milestones"][-1]["scores"]
+    bank = PromptBank.load(tmp_path / "w" / "deep2-kd-lr1e-3-mlp-bank")
+    assert bank.kind == "deep" and bank.num_parameters == 256
+    assert bank.training["reparam"] == "mlp"
+    rows = (tmp_path / "out" / "curve.md").read_text().splitlines()
+    pairs = [r.split(" | ")[:3] for r in rows if r.count(" | ") == 6 and " | 64 | " in r]
+    assert pairs == [["| deep2-kd", "lora2-kd", "64"], ["| deep2-kd@1e-3+mlp", "deep2-kd", "64"],
+                     ["| deep2-kd@1e-3+mlp", "lora2-kd", "64"]]

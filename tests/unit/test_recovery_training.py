@@ -133,3 +133,42 @@ def test_a_teacher_with_another_vocabulary_is_refused(tiny):
     with pytest.raises(ValueError, match="vocabulary of 100 tokens, the student has 257"):
         check_teacher(tiny, other)
     check_teacher(tiny, tiny_llama(seed=9))
+
+
+def test_prefix_mlp_against_its_per_token_definition_and_resumes_exactly(tmp_path):
+    """A `+mlp` deep prompt starts at its initial KV, equals start_i + W2 tanh(W1 e_i + b1) + b2
+    token by token once trained, and a run interrupted and resumed reaches the same prompt."""
+    from idp_core.lab.train import PrefixMLP, loss_function, make_student
+
+    tiny = tiny_llama(attn="eager")
+    for p in tiny.model.parameters():
+        p.requires_grad_(False)
+    chunks = torch.randint(0, 256, (5, 12), generator=torch.Generator().manual_seed(0))
+    plain = make_student(tiny, "deep", 3, chunks, seed=1)
+    mlp = make_student(tiny, "deep", 3, chunks, seed=1, reparam="mlp")
+    assert isinstance(mlp.encoder, PrefixMLP)
+    assert torch.equal(mlp.prompt(), plain.prompt())  # W2, b2 start at 0
+    teacher = tiny_llama(seed=5, attn="eager")
+    config = FitConfig(steps=6, batch_size=2, lr=1e-3, warmup=2, seed=3)
+
+    def train(checkpoint, until=None):
+        student = make_student(tiny, "deep", 3, chunks, seed=1, reparam="mlp")
+        state = fit(student.params, loss_function(student, "kd", teacher.model, tiny.device),
+                    chunks, config, checkpoint=checkpoint, until=until,
+                    settings={"method": "deep3-kd+mlp"})
+        return student, state
+
+    whole, whole_state = train(tmp_path / "a.pt")
+    train(tmp_path / "b.pt", until=4)
+    resumed, state = train(tmp_path / "b.pt")
+    assert state.losses == whole_state.losses and whole_state.losses[-1] < whole_state.losses[0]
+    with torch.no_grad():
+        got = whole.prompt()
+        assert torch.equal(resumed.prompt(), got) and not torch.equal(got, plain.prompt())
+        enc = whole.encoder
+        for i in range(3):  # the slow, obvious computation, one prompt token at a time
+            h = torch.tanh(enc.up.weight @ enc.embeds[i] + enc.up.bias)
+            delta = (enc.down.weight @ h + enc.down.bias).view(got.shape[:3] + got.shape[4:])
+            torch.testing.assert_close(got[:, :, :, i], enc.start[:, :, :, i] + delta)
+    with pytest.raises(ValueError, match="only 'mlp', for a fresh deep prompt"):
+        make_student(tiny, "shallow", 3, chunks, reparam="mlp")

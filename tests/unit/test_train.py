@@ -40,7 +40,7 @@ def snapshot(model):
 def test_prompt_training_lowers_loss_and_changes_only_the_prompt(chunks):
     lm = tiny_llama(seed=5)
     before = snapshot(lm.model)
-    start = make_student(lm, "shallow", 4, chunks, seed=0).prompt.detach()
+    start = make_student(lm, "shallow", 4, chunks, seed=0).prompt().detach()
     prompt, stats = train_prompt(lm, chunks, 4, FAST, seed=0)
     assert prompt.shape == (4, lm.model.config.hidden_size) and not prompt.requires_grad
     assert stats.step == 8 and stats.tokens == 8 * 4 * 32 and len(stats.losses) == 8
