@@ -468,7 +468,7 @@ def render(record: dict[str, Any], out: Path) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default="deep16-kd,deep16-lm,shallow16-lm,shallow16-kd,"
                         "lora4-kd,lora4-lm", help="comma list of <shallow|deep|lora><size>-"
-                        "<lm|kd|mix>")
+                        "<lm|kd|mix>[@lr][/text|/vocab][+mlp][+cos] (see Method)")
     parser.add_argument("--milestones", default="25000,50000,100000",
                         help="training tokens at which each method is scored")
     parser.add_argument("--model", default=None, help="compressed model (default: the default)")
