@@ -317,12 +317,12 @@ def comparisons(record: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for a, ea in methods.items():
         for b, eb in methods.items():
-            ma_, mb_ = Method.parse(a), Method.parse(b)
+            spec_a, spec_b = Method.parse(a), Method.parse(b)
             prompt_vs_lora = (ea["family"] != "lora" and eb["family"] == "lora"
-                              and ea["loss"] == eb["loss"] and ma_.schedule == mb_.schedule)
-            twins = ((ma_.family, ma_.size, ma_.loss, ma_.init, ma_.schedule)
-                     == (mb_.family, mb_.size, mb_.loss, mb_.init, mb_.schedule))
-            mlp_vs_plain = twins and ma_.reparam == "mlp" and mb_.reparam is None
+                              and ea["loss"] == eb["loss"] and spec_a.schedule == spec_b.schedule)
+            twins = ((spec_a.family, spec_a.size, spec_a.loss, spec_a.init, spec_a.schedule)
+                     == (spec_b.family, spec_b.size, spec_b.loss, spec_b.init, spec_b.schedule))
+            mlp_vs_plain = twins and spec_a.reparam == "mlp" and spec_b.reparam is None
             if not (prompt_vs_lora or a == f"{b}+cos" or mlp_vs_plain):
                 continue
             common = sorted({m["tokens"] for m in ea["milestones"]} &
