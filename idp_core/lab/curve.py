@@ -5,6 +5,10 @@ each gap won back, with paired bootstrap CIs over windows.
 
 Resumable: training checkpoints live in --work, the record (JSON) in --out is rewritten after
 every milestone, and a rerun skips what is recorded and resumes what is not.
+
+With --score-pool the training pool itself is scored too (set "pool", in-sample): trained for
+many epochs on a small pool, a method's in-sample share is an estimate of what it can win back
+at all, whatever the tokens (its capacity), beside what it wins back on text it never saw.
 """
 
 from __future__ import annotations
@@ -312,7 +316,7 @@ def comparisons(record: dict[str, Any]) -> list[dict[str, Any]]:
     (`+mlp`) against each plain one of the same size, loss, init and schedule, at their last
     common milestone: differences of gap shares (a - b) with paired bootstrap CIs."""
     base, teacher = record["baselines"]["compressed"], record["baselines"]["teacher"]
-    mixed = [s for s in base if s != "wikitext2"]
+    mixed = held_out_sources(base)
     methods = record.get("methods", {})
     out = []
     for a, ea in methods.items():
@@ -347,11 +351,20 @@ def pooled(scores: dict[str, dict[str, list[float]]], key: str, sets: list[str])
     return [x for s in sets for x in scores[s][key]]
 
 
+POOL = "pool"  # the in-sample set (--score-pool): the training chunks themselves
+MAX_SCORED_POOL = 64  # chunks; the teacher's log-probabilities on them stay in memory
+
+
+def held_out_sources(scores: dict[str, Any]) -> list[str]:
+    """The held-out sets pooled as 'mixed': every scored set but WikiText-2 and the pool."""
+    return [s for s in scores if s not in ("wikitext2", POOL)]
+
+
 def summarise(record: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (method, milestone): perplexities and gap shares with CIs, per set."""
     base, teacher = record["baselines"]["compressed"], record["baselines"]["teacher"]
-    mixed = [s for s in base if s != "wikitext2"]
-    sets = {"wikitext2": ["wikitext2"], "mixed": mixed}
+    sets = {"wikitext2": ["wikitext2"], "mixed": held_out_sources(base),
+            **({POOL: [POOL]} if POOL in base else {})}
     rows = []
     for name, entry in record.get("methods", {}).items():
         for m in entry["milestones"]:
@@ -386,7 +399,7 @@ def render(record: dict[str, Any], out: Path) -> None:
 
     rows = summarise(record)
     base, teacher = record["baselines"]["compressed"], record["baselines"]["teacher"]
-    mixed = [s for s in base if s != "wikitext2"]
+    mixed = held_out_sources(base)
 
     def ppl(scores: dict[str, Any], group: list[str]) -> float:
         x = pooled(scores, "nll", group)
@@ -422,6 +435,21 @@ def render(record: dict[str, Any], out: Path) -> None:
             f"{r['tokens_per_s']:.0f} | {r['wikitext2_ppl']:.2f} | "
             f"{pct(r['wikitext2_ppl_share'])} | {pct(r['wikitext2_kl_share'])} | "
             f"{r['mixed_ppl']:.2f} | {pct(r['mixed_ppl_share'])} | {pct(r['mixed_kl_share'])} |")
+    if POOL in base:
+        lines += ["", f"In-sample: the training pool itself ({len(base[POOL]['nll'])} chunks, "
+                  f"--score-pool; teacher / compressed perplexity {ppl(teacher, [POOL]):.2f} / "
+                  f"{ppl(base, [POOL]):.2f}), beside WikiText-2; a method that wins back little "
+                  f"of a gap even on text it has seen many times is short of capacity, not of "
+                  f"tokens:", "",
+                  "| method | params | tokens | epochs | pool PPL | pool PPL gap % | "
+                  "pool KL gap % | WT2 KL gap % |", "|---|---|---|---|---|---|---|---|"]
+        pool_tokens = len(base[POOL]["nll"]) * record["seq_len"]
+        for r in rows:
+            lines.append(
+                f"| {r['method']} | {r['trainable_parameters']:,} | {r['tokens']:,} | "
+                f"{r['tokens'] / pool_tokens:.0f} | {r[POOL + '_ppl']:.2f} | "
+                f"{pct(r[POOL + '_ppl_share'])} | {pct(r[POOL + '_kl_share'])} | "
+                f"{pct(r['wikitext2_kl_share'])} |")
     pairs = comparisons(record)
     if pairs:
         lines += ["", "Differences at equal objective and tokens, a - b (prompt - LoRA, "
@@ -484,6 +512,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--windows", type=int, default=8, help="held-out windows per source")
     parser.add_argument("--wikitext-windows", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--score-pool", action="store_true",
+                        help=f"score the training pool itself too (set {POOL!r}, in-sample; at "
+                             f"most {MAX_SCORED_POOL} chunks, as the teacher's outputs on it are "
+                             f"kept in memory)")
     parser.add_argument("--teacher-top-k", type=int, default=None,
                         help="distil against the teacher's top-k outputs, computed once into "
                              "--work (default: the full distribution, a forward per step)")
@@ -527,10 +559,16 @@ def run(args: argparse.Namespace) -> int:
     chunks = training_chunks(lm.tokenizer, sources, num_tokens=pool, seq_len=args.seq_len)
     windows = eval_windows(lm.tokenizer, sources, wikitext, per_source=args.windows,
                            wikitext_windows=args.wikitext_windows, seq_len=args.seq_len)
+    if args.score_pool:
+        if len(chunks) > MAX_SCORED_POOL:
+            raise SystemExit(f"idp curve: --score-pool scores at most {MAX_SCORED_POOL} chunks; "
+                             f"the pool has {len(chunks)} (lower --pool-tokens)")
+        windows[POOL] = chunks
     settings = {"model": lm.fingerprint.to_dict(), "teacher": teacher.source,
                 "seq_len": args.seq_len, "seed": args.seed, "dtype": args.dtype,
                 "data": {"sources": sorted(sources), "held_out": "last tenth of each file",
-                         "train_chunks": len(chunks)},
+                         "train_chunks": len(chunks),
+                         **({"scored_in_sample": True} if args.score_pool else {})},
                 **({} if args.teacher_top_k is None else {"teacher_top_k": args.teacher_top_k})}
     if record.get("settings") not in (None, settings):
         differ = sorted(k for k in {*settings, *record["settings"]}

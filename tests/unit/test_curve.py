@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 from tiny import byte_tokenizer
 
 from idp_core.lab.curve import (
@@ -234,3 +235,53 @@ def test_a_reparameterised_prompt_exports_only_the_prompt_and_meets_its_plain_tw
     pairs = [r.split(" | ")[:3] for r in rows if r.count(" | ") == 6 and " | 64 | " in r]
     assert pairs == [["| deep2-kd", "lora2-kd", "64"], ["| deep2-kd@1e-3+mlp", "deep2-kd", "64"],
                      ["| deep2-kd@1e-3+mlp", "lora2-kd", "64"]]
+
+
+def test_the_pool_scored_in_sample_against_a_direct_computation(tmp_path):
+    """`--score-pool` scores the training chunks themselves as set 'pool': per chunk, the mean
+    NLL and KL of the exported prompt there, computed directly; the held-out sets and their
+    'mixed' pooling are what a run without it records, and the table shows the in-sample share."""
+    from idp_core.bank import PromptBank
+    from idp_core.lab.cli import main
+    from idp_core.lab.curve import training_chunks
+    from idp_core.lab.objective import student_logits, teacher_logprobs, token_kl, token_nll
+    from idp_core.model import load_model
+
+    _write_models_and_data(tmp_path)
+
+    def curve(out, *extra):
+        args = ["curve", "--model", str(tmp_path / "student"), "--teacher",
+                str(tmp_path / "teacher"), "--data", str(tmp_path / "data"), "--methods",
+                "deep2-kd", "--seq-len", "16", "--batch-size", "2", "--windows", "1",
+                "--wikitext-windows", "1", "--milestones", "32,96", "--pool-tokens", "48",
+                "--out", str(tmp_path / out),
+                "--work", str(tmp_path / f"{out}-work"), *extra]
+        assert main(args) == 0
+        return json.loads((tmp_path / out / "curve.json").read_text())
+
+    plain, scored = curve("plain"), curve("scored", "--score-pool")
+    assert scored["settings"]["data"]["scored_in_sample"] is True
+    last = scored["methods"]["deep2-kd"]["milestones"][-1]["scores"]
+    held = {k: v for k, v in last.items() if k != "pool"}
+    assert held == plain["methods"]["deep2-kd"]["milestones"][-1]["scores"]
+
+    student, teacher = (load_model(tmp_path / name, dtype="float32")
+                        for name in ("student", "teacher"))
+    sources = split_sources(tmp_path / "data")
+    chunks = training_chunks(student.tokenizer, sources, num_tokens=48, seq_len=16)
+    assert len(last["pool"]["nll"]) == len(chunks) == 3
+    prompt = PromptBank.load(tmp_path / "scored-work" / "deep2-kd-bank").prompts[0]
+    for i, ids in enumerate(chunks):
+        with torch.no_grad():
+            logits = student_logits(student.model, ids[None], prompt)
+            kl = token_kl(logits, teacher_logprobs(teacher.model, ids[None])).mean()
+            nll = token_nll(logits, ids[None]).mean()
+        assert last["pool"]["kl"][i] == pytest.approx(kl.item(), abs=2e-6)
+        assert last["pool"]["nll"][i] == pytest.approx(nll.item(), abs=2e-6)
+
+    table = (tmp_path / "scored" / "curve.md").read_text()
+    assert "In-sample: the training pool itself (3 chunks" in table
+    assert "| deep2-kd | 256 | 96 | 2 |" in table  # 96 tokens = two passes over 48
+    assert "In-sample" not in (tmp_path / "plain" / "curve.md").read_text()
+    with pytest.raises(SystemExit, match="recorded with other settings"):
+        curve("plain", "--score-pool")
