@@ -577,9 +577,9 @@ def run(args: argparse.Namespace) -> int:
                          f"); use another --out")
     for entry in record.get("methods", {}).values():  # records from before per-method sizes
         entry.setdefault("batch_size", record["batch_size"])
-    command = "idp curve " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
-                                      vars(args).items() if v not in (None, False)
-                                      and k not in ("command", "func"))
+    command = "idp curve " + " ".join(
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+        for k, v in vars(args).items() if v not in (None, False) and k not in ("command", "func"))
     runs = record.get("runs") or ([{"command": record["command"], "commit": record["commit"]}]
                                   if "command" in record else [])
     commit = machine()["git_commit"]

@@ -261,6 +261,8 @@ def test_the_pool_scored_in_sample_against_a_direct_computation(tmp_path):
 
     plain, scored = curve("plain"), curve("scored", "--score-pool")
     assert scored["settings"]["data"]["scored_in_sample"] is True
+    assert scored["command"].endswith(" --score-pool --dtype float32 --device cpu --out "
+                                      f"{tmp_path / 'scored'} --work {tmp_path / 'scored-work'}")
     last = scored["methods"]["deep2-kd"]["milestones"][-1]["scores"]
     held = {k: v for k, v in last.items() if k != "pool"}
     assert held == plain["methods"]["deep2-kd"]["milestones"][-1]["scores"]
