@@ -290,8 +290,9 @@ class Engine:
 
     def _find_stop(self, s: RunningRequest) -> bool:
         # A stop string ending at the new token lies within its last len(stop) characters, so
-        # decode only a tail of tokens (>= 1 character each, +8 for byte-level pieces).
-        tail_tokens = max(len(x) for x in s.config.stop) + 8
+        # decode only a tail of tokens: >= 1 UTF-8 byte each (a byte-level token may hold part
+        # of a character), +8 for special tokens that decode to nothing.
+        tail_tokens = max(len(x.encode()) for x in s.config.stop) + 8
         tail = self.decode(s.output_ids[-tail_tokens:])
         if not any(stop in tail for stop in s.config.stop):
             return False

@@ -75,6 +75,10 @@ class EngineStepError(APIError):
         self.__cause__ = cause
 
 
+# Raised where the engine thread (server/scheduler.py) has logged and counted them already.
+COUNTED_BY_ENGINE = (ClientDisconnected, EngineStepError, OutOfMemory)
+
+
 def error_body(status: int, message: str, type_: str, param: str | None,
                code: str | None) -> dict[str, dict[str, str | None]]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
@@ -98,7 +102,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        if not isinstance(exc, ClientDisconnected | EngineStepError):  # the engine counts those
+        if not isinstance(exc, COUNTED_BY_ENGINE):
             count(request, exc.code or exc.type)
         return error_response(exc)
 

@@ -98,7 +98,8 @@ class OpenAIErrors:
             elif not ended and event_stream:
                 event = _openai_error(500, "the replica serving this stream failed mid-stream")
                 await send({"type": "http.response.body",
-                            "body": b"data: " + event + b"\n\n", "more_body": False})
+                            "body": b"data: " + event + b"\n\ndata: [DONE]\n\n",
+                            "more_body": False})  # framed as the server ends a failed stream
 
 
 async def _send_json(send: Send, status: int, body: bytes,

@@ -35,7 +35,7 @@ from server.responses import (
     stream_completions,
 )
 from server.state import serving_state
-from server.streaming import collect_all, sse, submit_all
+from server.streaming import collect_all, sse
 
 router = APIRouter()
 
@@ -128,9 +128,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
                   for p in prompts]
     reqs = [make_request(s, ids, config, body.prompt_selection, request) for ids in token_rows]
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    works = submit_all(s, reqs, stream=body.stream)
+    works = s.scheduler.submit(reqs, stream=body.stream)
     if body.stream:
-        return sse(stream_completions(s, works, rid, created), request)
+        return sse(stream_completions(s, works, rid, created), works, request)
     results = await collect_all(s, works, request)
     return JSONResponse(completion_response(s, rid, created, results).model_dump())
 
@@ -146,8 +146,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         s, body.prompt_selection)))
     req = make_request(s, ids, body.to_gen_config(default_max), body.prompt_selection, request)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    works = submit_all(s, [req], stream=body.stream)
+    works = s.scheduler.submit([req], stream=body.stream)
     if body.stream:
-        return sse(stream_chat(s, works[0], rid, created), request)
+        return sse(stream_chat(s, works[0], rid, created), works, request)
     r = (await collect_all(s, works, request))[0]
     return JSONResponse(chat_response(s, rid, created, r).model_dump())

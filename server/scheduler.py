@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from idp_core.generate import Batch, Engine, GenRequest, GenResult, RunningRequest, TokenLogprob
-from server.errors import EngineStepError, OutOfMemory, QueueFull, ServerDraining
+from server.errors import BadRequest, EngineStepError, OutOfMemory, QueueFull, ServerDraining
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -63,11 +63,20 @@ class Submission:
     arrival: float = field(default_factory=time.perf_counter)
     admitted: float = 0.0
     cancelled: bool = False
+    by_client: bool = False  # cancelled because the client left (counted as a disconnect)
     sent_tokens: int = 0
     sent_chars: int = 0
 
     def push(self, update: Update) -> None:
         self.loop.call_soon_threadsafe(self.updates.put_nowait, update)
+
+    def cancel(self, *, by_client: bool) -> None:
+        """Free the queue or batch slot at the next step (a no-op once finished). Only a
+        client's leaving counts as a disconnect: a timeout or a failed sibling prompt is counted
+        once, as itself, where it is raised."""
+        if not self.cancelled:  # the engine thread reads `cancelled`, then `by_client`
+            self.by_client = by_client
+            self.cancelled = True
 
     @property
     def num_tokens(self) -> int:  # positions this request may occupy, prefix excluded
@@ -115,35 +124,41 @@ class Scheduler:
             self._cond.notify()
         self._thread.join(timeout_s)
 
-    def submit(self, request: GenRequest, *, stream: bool) -> Submission:
-        """Queue a validated request, or refuse it now (before any response has started)."""
+    def submit(self, requests: list[GenRequest], *, stream: bool) -> list[Submission]:
+        """Queue a request's validated prompts, all or none, or refuse them now (before any
+        response has started): more prompts than the queue holds are a bad request (400), a
+        queue without room for them all is full (503, retry)."""
         if self.draining:
             raise ServerDraining("the server is shutting down")
-        work = Submission(request, asyncio.get_running_loop(), asyncio.Queue(), stream)
+        if len(requests) > self.max_queue:
+            raise BadRequest(f"{len(requests)} prompts in one request; this server queues at most "
+                             f"{self.max_queue} (IDP_MAX_QUEUE)", param="prompt")
+        loop = asyncio.get_running_loop()
+        works = [Submission(r, loop, asyncio.Queue(), stream) for r in requests]
         with self._cond:
-            if len(self._waiting) >= self.max_queue:  # drop clients that already left
-                gone = [w for w in self._waiting if w.cancelled]
-                for w in gone:
+            if len(self._waiting) + len(works) > self.max_queue:  # drop those already cancelled
+                for w in [w for w in self._waiting if w.cancelled]:
                     self._waiting.remove(w)
-                    self.metrics.record_error("client_disconnected")
-            if len(self._waiting) >= self.max_queue:
+                    self._record_cancel(w)
+            if len(self._waiting) + len(works) > self.max_queue:
                 raise QueueFull(f"the wait queue is full ({self.max_queue} requests)")
-            self._waiting.append(work)
+            self._waiting.extend(works)
             self._cond.notify()
-        return work
+        return works
+
+    def _record_cancel(self, work: Submission) -> None:
+        if work.by_client:
+            self.metrics.record_error("client_disconnected")
 
     @staticmethod
     async def updates(work: Submission) -> AsyncIterator[Update]:
-        """A submission's updates until its result or error; leaving the iteration early
-        (client gone) frees its queue or batch slot at the next step."""
-        try:
-            while True:
-                update = await work.updates.get()
-                yield update
-                if update.result is not None or update.error is not None:
-                    return
-        finally:
-            work.cancelled = True  # no-op once finished; frees the slot if the client left
+        """A submission's updates until its result or error. A reader that stops early
+        `cancel`s the submission (server/streaming.py), saying why."""
+        while True:
+            update = await work.updates.get()
+            yield update
+            if update.result is not None or update.error is not None:
+                return
 
     # ---- worker thread --------------------------------------------------------------------
     def _loop(self) -> None:
@@ -176,9 +191,8 @@ class Scheduler:
         taken: list[Submission] = []
         while self._waiting and rows + len(taken) < self.max_batch_size:
             work = self._waiting[0]
-            if work.cancelled:  # the client left while queued
-                self._waiting.popleft()
-                self.metrics.record_error("client_disconnected")
+            if work.cancelled:  # cancelled while queued
+                self._record_cancel(self._waiting.popleft())
                 continue
             if taken and tokens + work.num_tokens > self.max_batch_tokens:
                 break
@@ -239,7 +253,8 @@ class Scheduler:
         if not final:
             # hold back an incomplete UTF-8 character and a possible stop-string prefix
             hold = max((len(x) - 1 for x in s.config.stop), default=0)
-            text = text.rstrip("\ufffd")[: max(len(text) - hold, work.sent_chars)]
+            text = text.rstrip("\ufffd")
+            text = text[: max(len(text) - hold, work.sent_chars)]
         new_ids = s.output_ids[work.sent_tokens :]
         new_lps = s.output_logprobs[work.sent_tokens :] if s.config.logprobs is not None else []
         if not new_ids and len(text) <= work.sent_chars and not final:
@@ -254,7 +269,8 @@ class Scheduler:
             work = self._running.pop(s.request.request_id)
             result = self.engine.result(s)
             if s.finish_reason == "abort":
-                self.metrics.record_error("client_disconnected", result.method)
+                if work.by_client:
+                    self.metrics.record_error("client_disconnected", result.method)
                 continue
             self.selection_counts[result.prompt_used] += 1
             self.metrics.record_finished(result, arrival=work.arrival, admitted=work.admitted,

@@ -28,7 +28,8 @@ class Settings(BaseSettings):
     scheduling: Literal["continuous", "static"] = Field(
         "continuous", description="static: a batch runs to its end before new requests join "
         "(a baseline for benchmarks)")
-    max_queue: int = Field(256, ge=0, description="requests waiting for a batch slot")
+    max_queue: int = Field(256, ge=1, description="requests waiting for a batch slot (also "
+                           "the most prompts one request may carry)")
     max_body_bytes: int = Field(2_000_000, ge=1024)
     max_stop_strings: int = Field(16, ge=0)
     request_timeout_s: float = Field(600.0, gt=0)

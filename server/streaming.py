@@ -1,5 +1,6 @@
-"""Waiting on the scheduler: queue a request's prompts, collect their results or merge their
-streams, and send a stream as server-sent events."""
+"""Waiting on the scheduler: collect a request's results or merge its streams, and send a
+stream as server-sent events. Whatever ends a wait early cancels the request's submissions and
+says why: the client left (counted as a disconnect), or its own error (counted as itself)."""
 
 from __future__ import annotations
 
@@ -13,25 +14,12 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from idp_core.generate import GenRequest, GenResult
-from server.errors import ClientDisconnected, EngineStepError, Timeout, error_body
+from idp_core.generate import GenResult
+from server.errors import COUNTED_BY_ENGINE, APIError, ClientDisconnected, Timeout, error_body
 from server.scheduler import Submission, Update
 from server.state import ServingState
 
 log = logging.getLogger(__name__)
-
-
-def submit_all(s: ServingState, reqs: list[GenRequest], *, stream: bool) -> list[Submission]:
-    """Queue every prompt of a request, or none: a refusal (503) comes before any response."""
-    works: list[Submission] = []
-    try:
-        for r in reqs:
-            works.append(s.scheduler.submit(r, stream=stream))
-    except Exception:
-        for w in works:
-            w.cancelled = True
-        raise
-    return works
 
 
 async def collect_all(s: ServingState, works: list[Submission],
@@ -48,18 +36,20 @@ async def collect_all(s: ServingState, works: list[Submission],
                     return u.result
         raise RuntimeError("engine ended a request without a result")
 
-    task = asyncio.create_task(asyncio.wait_for(
-        asyncio.gather(*(result(w) for w in works)), timeout_s))
+    children = [asyncio.create_task(result(w)) for w in works]
+    task = asyncio.create_task(asyncio.wait_for(asyncio.gather(*children), timeout_s))
     gone = asyncio.create_task(wait_for_disconnect(request))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-        if not task.done():  # the client left: cancelling frees its queue or batch slots
-            task.cancel()
-        for w in works:  # no-op for finished ones; stops siblings of a failed prompt
-            w.cancelled = True
-    if not task.done() or task.cancelled():
+        by_client = not task.done()
+        task.cancel()  # no-op once done
+        for c in children:  # ends the waits of a failed prompt's siblings too
+            c.cancel()
+        for w in works:  # no-op for finished ones; frees the slots of the rest
+            w.cancel(by_client=by_client)
+    if by_client or task.cancelled():
         raise ClientDisconnected("the client disconnected")
     try:
         return list(task.result())
@@ -95,24 +85,32 @@ async def merge_streams(s: ServingState, works: list[Submission]
     finally:
         for t in tasks:
             t.cancel()
-        for w in works:  # no-op for finished ones; frees the slots of the rest
-            w.cancelled = True
 
 
-def sse(events: AsyncIterator[dict[str, Any]], request: Request) -> StreamingResponse:
-    """Server-sent events ending in `data: [DONE]`; an error mid-stream becomes an error event."""
+def sse(events: AsyncIterator[dict[str, Any]], works: list[Submission],
+        request: Request) -> StreamingResponse:
+    """Server-sent events ending in `data: [DONE]`; an error mid-stream becomes an error event.
+    However the stream ends, `works` still queued or running are cancelled."""
 
     async def body() -> AsyncIterator[str]:
+        by_client = True  # a stream that stops without an error stops because the client left
         try:
-            async for event in events:
-                yield f"data: {json.dumps(event)}\n\n"
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield f"data: {json.dumps(event)}\n\n"
         except Exception as e:  # headers are sent: report in-band, as OpenAI does
-            if not isinstance(e, EngineStepError):  # the engine logged and counted those
+            by_client = False
+            if not isinstance(e, COUNTED_BY_ENGINE):  # the engine logged and counted those
                 log.exception("stream failed (request id %s)", request.state.request_id)
                 request.app.state.metrics.record_error("internal")
-            message = getattr(e, "message", "internal server error")
-            body = error_body(500, message, "internal_error", None, None)
+            if isinstance(e, APIError):
+                body = error_body(e.status, e.message, e.type, e.param, e.code)
+            else:
+                body = error_body(500, "internal server error", "internal_error", None, None)
             yield f"data: {json.dumps(body)}\n\n"
+        finally:
+            for w in works:  # no-op for finished ones
+                w.cancel(by_client=by_client)
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream",
