@@ -203,6 +203,9 @@ def run_selection(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -
 
 def run_prefix(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> dict[str, Any]:
     """Prefill on cached prompt KV vs recomputing [P; X] from embeddings for every request."""
+    if bank.kind != "shallow":
+        raise SystemExit(f"idp bench prefix: a {bank.kind} bank's prompts are KV, with no "
+                         f"embeddings to recompute [P; X] from; use a shallow bank")
     engine = build_engine(lm, bank=bank, check_fingerprint=False)  # run() checked it
     store = engine.store
     rows = input_rows(lm, args.batch, args.seq_len)

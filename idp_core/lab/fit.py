@@ -161,13 +161,16 @@ def fit(
     if config.schedule == "constant":  # a run may be extended to more steps; checkpoints
         settings["fit"].pop("steps")      # from before `schedule` existed were all constant
         settings["fit"].pop("schedule")
+    last = min(config.steps, until if until is not None else config.steps)
     state = FitState()
     if checkpoint is not None and checkpoint.is_file():
         state = load_checkpoint(checkpoint, params, opt, settings)
+        if state.step > last:  # it cannot be rewound: its params are those of a later step
+            raise CheckpointError(f"{checkpoint}: trained to step {state.step}, past the "
+                                  f"{last} steps asked for; delete it or use another folder")
     batches = batch_order(len(chunks), config.batch_size, config.seed)
     for _ in range(state.step):  # the batches already seen
         next(batches)
-    last = min(config.steps, until if until is not None else config.steps)
     saved_at = time.perf_counter()
     bar = tqdm(total=last, initial=state.step, desc=desc, unit="step")
     with torch.enable_grad():

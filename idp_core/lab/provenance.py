@@ -44,12 +44,13 @@ def machine() -> dict[str, Any]:
             "git_commit": git_commit()}
 
 
-def files_sha256(folder: str | Path) -> str:
-    """One hash of a folder's files (names and bytes), e.g. a prompt bank or a LoRA adapter, so
-    a result made with other artefacts under the same path is told apart."""
+def files_sha256(folder: str | Path, pattern: str = "*") -> str:
+    """One hash of a folder's files (names and bytes) matching `pattern`, e.g. a prompt bank,
+    a LoRA adapter or a checkpoint's weights, so a result made with other artefacts under the
+    same path is told apart."""
     h = hashlib.sha256()
     root = Path(folder)
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    for path in sorted(p for p in root.rglob(pattern) if p.is_file()):
         h.update(str(path.relative_to(root)).encode() + b"\0")
         h.update(path.read_bytes())
     return h.hexdigest()

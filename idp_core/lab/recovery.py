@@ -32,8 +32,8 @@ def summarise(raw: dict[str, dict[str, Any]], *, seed: int = 0,
     `pairs` (a, b) to difference, by default the grid's (see `differences`).
 
     Averages are unweighted means over tasks of each task's primary metric (acc, or exact
-    match); their CIs resample every task's items independently with the same indices for every
-    method, so differences between methods are paired.
+    match); their CIs resample every task's items independently (a generator per task) with
+    the same indices for every method, so differences between methods are paired.
     """
     methods = list(raw)
     tasks = list(next(iter(raw.values()))["tasks"])
@@ -54,11 +54,13 @@ def summarise(raw: dict[str, dict[str, Any]], *, seed: int = 0,
                 if key == "loglik":
                     cell["perplexity"] = lambada_perplexity(values)
                     cell["perplexity_ci"] = bootstrap_ci(
-                        values, stat=lambda s: np.exp(-s.mean(axis=1)), num=NUM_BOOT, seed=seed)
+                        values, stat=lambda s: np.exp(-s.mean(axis=1)), num=NUM_BOOT, seed=seed,
+                        key=t)
                     continue
                 cell[key] = float(np.mean(values))
-                cell[f"{key}_ci"] = bootstrap_ci(values, num=NUM_BOOT, seed=seed)
-            reps[m][t] = bootstrap_means(r["per_item"][cell["primary"]], num=NUM_BOOT, seed=seed)
+                cell[f"{key}_ci"] = bootstrap_ci(values, num=NUM_BOOT, seed=seed, key=t)
+            reps[m][t] = bootstrap_means(r["per_item"][cell["primary"]], num=NUM_BOOT, seed=seed,
+                                         key=t)
             row["tasks"][t] = cell
         for name, ts in [*groups.items(), ("Average", tasks)]:
             point = float(np.mean([row["tasks"][t][row["tasks"][t]["primary"]] for t in ts]))
@@ -298,7 +300,7 @@ def compare_rows(a: dict[str, Any], b: dict[str, Any], *, names: tuple[str, str]
         key = ra["tasks"][t]["primary"]
         x, y = (np.asarray(r["tasks"][t]["per_item"][key], dtype=np.float64) for r in (a, b))
         diff = x - y
-        rep = diff[bootstrap_indices(len(diff), num=NUM_BOOT, seed=seed)].mean(axis=1)
+        rep = diff[bootstrap_indices(len(diff), num=NUM_BOOT, seed=seed, key=t)].mean(axis=1)
         tasks[t] = {"n": len(diff), "a": ra["tasks"][t][key], "b": rb["tasks"][t][key],
                     "diff": float(diff.mean()), "ci": _ci(rep)}
     return {"a": names[0], "b": names[1], "tasks": tasks, **summary["differences"][0]}

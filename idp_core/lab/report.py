@@ -220,14 +220,17 @@ def run_report(args: argparse.Namespace) -> int:
     engines: dict[str, Any] = {}
     raw: dict[str, Any] = {}
     # A saved method is reused only if it was run with these settings (resume after a stop),
-    # with the same bank or adapter files where it uses them.
-    common_settings = {"model": source.name, "limit": args.limit, "seed": args.seed,
-                       "dtype": args.dtype, "tasks": sorted(t.name for t in tasks), **common}
+    # on the same compressed weights (a rebuild under the same folder is another model), with
+    # the same bank or adapter files where it uses them.
+    compressed = {"name": source.name, "weights_sha256": files_sha256(source, "*.safetensors")}
+    common_settings = {"limit": args.limit, "seed": args.seed, "dtype": args.dtype,
+                       "tasks": sorted(t.name for t in tasks), **common}
     made_with = {"bank": files_sha256(bank_path) if bank is not None else None,
                  "lora": files_sha256(lora_path) if any(k == "lora" for _, k, _ in grid) else None}
     for name, kind, sel in grid:
         uses = "lora" if kind == "lora" else "bank" if kind not in UNPROMPTED else None
-        settings = {**common_settings, **({uses: made_with[uses]} if uses else {})}
+        settings = {**common_settings, **({uses: made_with[uses]} if uses else {}),
+                    "model": "original" if kind == "uncompressed" else compressed}
         path = raw_dir / f"{kind}{'_' + sel if kind == 'prompt' else ''}.json"
         done: dict[str, Any] = {}  # tasks of a stopped run of this method, same settings
         saved_wall = 0.0

@@ -8,6 +8,7 @@ through `Engine.generate` in length-sorted batches, so the served code path is w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -407,23 +408,27 @@ def score_logliks(task: Task, scored: list[list[tuple[float, bool]]]) -> dict[st
 
 
 # ---- bootstrap confidence intervals -----------------------------------------------------------
-def bootstrap_indices(num_items: int, *, num: int = 1000, seed: int = 0) -> np.ndarray:
-    """[num, num_items] resampled item indices; the same for every method (paired bootstrap)."""
-    rng = np.random.default_rng([seed, num_items])
+def bootstrap_indices(num_items: int, *, num: int = 1000, seed: int = 0,
+                      key: str = "") -> np.ndarray:
+    """[num, num_items] resampled item indices: the same for every method (a paired bootstrap),
+    independent across keys (tasks: two tasks of one size must not share their resampling)."""
+    rng = np.random.default_rng([seed, num_items, *hashlib.sha256(key.encode()).digest()[:8]])
     return rng.integers(0, num_items, size=(num, num_items))
 
 
 def bootstrap_ci(values: list[float], *, stat: Callable[[np.ndarray], np.ndarray] | None = None,
-                 num: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+                 num: int = 1000, seed: int = 0, key: str = "",
+                 level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap CI of `stat` (default: the mean) over items."""
     x = np.asarray(values, dtype=np.float64)
-    samples = x[bootstrap_indices(len(x), num=num, seed=seed)]  # [num, N]
+    samples = x[bootstrap_indices(len(x), num=num, seed=seed, key=key)]  # [num, N]
     stats = samples.mean(axis=1) if stat is None else stat(samples)
     lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 
 
-def bootstrap_means(values: list[float], *, num: int = 1000, seed: int = 0) -> np.ndarray:
+def bootstrap_means(values: list[float], *, num: int = 1000, seed: int = 0,
+                    key: str = "") -> np.ndarray:
     """[num] bootstrap replicates of the mean (paired across methods by `bootstrap_indices`)."""
     x = np.asarray(values, dtype=np.float64)
-    return x[bootstrap_indices(len(x), num=num, seed=seed)].mean(axis=1)
+    return x[bootstrap_indices(len(x), num=num, seed=seed, key=key)].mean(axis=1)

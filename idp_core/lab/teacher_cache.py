@@ -42,8 +42,10 @@ def chunks_hash(chunks: Tensor) -> str:
 
 
 def made_by(teacher: LoadedModel, chunks: Tensor, top_k: int) -> dict[str, Any]:
-    """What a cache for `teacher` on `chunks` with `top_k` must record."""
+    """What a cache for `teacher` on `chunks` with `top_k` must record (the fingerprint is
+    one for float32 and bfloat16 loads, so the dtype too)."""
     return {"teacher": teacher.fingerprint.to_dict(),
+            "dtype": str(teacher.dtype).removeprefix("torch."),
             "vocab_size": int(teacher.model.config.vocab_size),
             "chunks": {"sha256": chunks_hash(chunks), "shape": list(chunks.shape)},
             "top_k": top_k}
@@ -119,7 +121,7 @@ def load(path: Path, chunks: Tensor, want: dict[str, Any]) -> TeacherCache:
     differ = sorted(k for k in {*have, *want} if have.get(k) != want.get(k))
     if differ:
         what = {"teacher": "another teacher", "chunks": "other data", "top_k": "another top-k",
-                "vocab_size": "another vocabulary"}
+                "vocab_size": "another vocabulary", "dtype": "another dtype"}
         raise TeacherCacheError(f"{path}: made from {', '.join(what.get(k, k) for k in differ)}"
                                 f"; delete it or use another path")
     t = load_file(str(path))

@@ -34,7 +34,7 @@ from idp_core.lab.objective import (
     student_logits,
     teacher_logprobs,
 )
-from idp_core.lab.teacher_cache import TeacherCache
+from idp_core.lab.teacher_cache import TeacherCache, chunks_hash
 from idp_core.model import LoadedModel, attach_lora, lora_parameters, resolve_dtype
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -119,6 +119,9 @@ def make_student(lm: LoadedModel, method: str, size: int, chunks: Tensor, *, ini
         g = torch.Generator().manual_seed(seed)
         if init == "vocab":
             ids = torch.randint(0, lm.model.config.vocab_size, (size,), generator=g)
+        elif size > chunks.shape[1]:
+            raise ValueError(f"a {size}-token prompt cannot start from {chunks.shape[1]}-token "
+                             f"training text: raise the sequence length or use init 'vocab'")
         else:
             ids = chunks[int(torch.randint(0, len(chunks), (1,), generator=g)), :size]
         first = init_from_text(lm, ids, method)
@@ -176,10 +179,12 @@ def stats_dict(state: FitState, num_sequences: int) -> dict[str, Any]:
     }
 
 
-def _settings(lm: LoadedModel, config: TrainConfig, teacher: LoadedModel | None,
+def _settings(lm: LoadedModel, config: TrainConfig, chunks: Tensor, teacher: LoadedModel | None,
               cache: TeacherCache | None, **extra: Any) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed."""
+    """What a checkpoint must match to be resumed (its training text included: the batch
+    order depends on it)."""
     return {"model": lm.fingerprint.to_dict(), "config": config.to_dict(),
+            "chunks": chunks_hash(chunks),
             "teacher": None if teacher is None else teacher.fingerprint.to_dict(),
             **({} if cache is None else {"teacher_top_k": cache.top_k}), **extra}
 
@@ -197,7 +202,8 @@ def cluster_chunks(lm: LoadedModel, chunks: Tensor, k: int, *, seed: int = 0) ->
         raise ValueError(f"cannot make {k} clusters of {chunks.shape[0]} sequences")
     embed = lm.model.get_input_embeddings()
     with torch.no_grad():
-        feats = torch.cat([embed(c).float().mean(1) for c in chunks.split(64)])  # [N, d]
+        feats = torch.cat([embed(c.to(lm.device)).float().mean(1).cpu()
+                           for c in chunks.split(64)])  # [N, d]
     feats = torch.nn.functional.normalize(feats - feats.mean(0), dim=-1)
     g = torch.Generator().manual_seed(seed)
     centres = feats[torch.randint(0, len(feats), (1,), generator=g)]
@@ -242,7 +248,7 @@ def train_prompt(
         start.float().cpu().numpy().tobytes()).hexdigest()
     state = fit(student.params, loss_fn, chunks, fit_config(config, config.kind),
                 checkpoint=checkpoint, desc=desc,
-                settings=_settings(lm, config, teacher, cache, length=length, seed=seed,
+                settings=_settings(lm, config, chunks, teacher, cache, length=length, seed=seed,
                                    **({} if started is None else {"start": started})))
     with torch.no_grad():
         return student.prompt().float().cpu().clone(), state
@@ -339,7 +345,7 @@ def train_lora(
                             cache=cache)
     state = fit(student.params, loss_fn, chunks, fit_config(config, "lora"),
                 checkpoint=checkpoint, desc=f"lora-r{config.lora_rank}",
-                settings=_settings(lm, config, teacher, cache))
+                settings=_settings(lm, config, chunks, teacher, cache))
     student.model.eval()
     return student.model, state
 

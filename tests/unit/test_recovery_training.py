@@ -92,6 +92,10 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path):
     other = FitConfig(steps=6, batch_size=2, lr=3e-2, warmup=2, seed=3)
     with pytest.raises(CheckpointError, match=r"b\.pt: made by another configuration.*fit"):
         _train(tiny, chunks, other, tmp_path / "b.pt")
+    # a checkpoint past the step asked for (a curve's smaller milestone, a shorter rerun) is
+    # refused: it would be scored as if trained for fewer steps
+    with pytest.raises(CheckpointError, match=r"b\.pt: trained to step 6, past the 4 steps"):
+        _train(tiny, chunks, config, tmp_path / "b.pt", until=4)
 
 
 def test_learning_rate_schedules():

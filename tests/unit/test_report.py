@@ -113,6 +113,14 @@ def test_report_end_to_end_resumes_only_with_same_settings(tmp_path, capsys):
     manifest.write_text(manifest.read_text() + "\n")
     fourth = report(3)
     assert "== compressed" not in fourth and "+IDP: " in fourth and "other settings" in fourth
+    from safetensors.torch import load_file, save_file
+
+    weights = art["model"] / "model.safetensors"  # another model under the same path
+    tensors = load_file(weights)
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] * 1.01
+    save_file(tensors, weights, metadata={"format": "pt"})
+    fifth = report(3)
+    assert "compressed: " in fifth and "+IDP: " in fifth and "other settings" in fifth
 
 
 def test_report_resumes_a_stopped_method_task_by_task(tmp_path, capsys, monkeypatch):
@@ -230,3 +238,22 @@ def test_compare_two_saved_rows_item_by_item():
     assert "| arc_easy | 4 | 50.0 | 25.0 | 25.0 |" in compare_markdown(c)
     with pytest.raises(ValueError, match="other items: limit 4 vs 500"):
         compare_rows(a, {**b, "settings": {**settings, "limit": 500}})
+
+
+def test_tasks_of_one_size_are_resampled_independently():
+    # Two tasks with the same per-item results: resampled independently, the average's
+    # bootstrap spread is each task's / sqrt(2); with shared indices it would equal it.
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    acc = [float(x) for x in rng.integers(0, 2, 200)]
+    task = {"kind": "multiple_choice", "group": "World knowledge", "num_items": 200,
+            "per_item": {"acc": acc}}
+    raw = {"a": {"params": 0, "tasks": {"arc_easy": task, "arc_challenge": task}}}
+    row = summarise(raw)["rows"]["a"]
+
+    def width(ci):
+        return ci[1] - ci[0]
+
+    ratio = width(row["averages"]["Average"]["ci"]) / width(row["tasks"]["arc_easy"]["acc_ci"])
+    assert ratio == pytest.approx(2 ** -0.5, abs=0.08)

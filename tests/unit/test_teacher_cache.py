@@ -67,8 +67,11 @@ def test_stale_cache_is_refused_naming_the_file(tmp_path, teacher):
     path = tmp_path / "t.safetensors"
     teacher_cache.ensure(path, teacher, CHUNKS, 5)
     other = tiny_llama(seed=6, attn="eager")
+    bf16 = tiny_llama(seed=5, attn="eager")  # the same weights, whose fingerprint is dtype-blind
+    bf16.model.to(torch.bfloat16)
+    assert bf16.fingerprint == teacher.fingerprint
     cases = [(teacher, CHUNKS[:4], 5, "other data"), (teacher, CHUNKS, 6, "another top-k"),
-             (other, CHUNKS, 5, "another teacher")]
+             (other, CHUNKS, 5, "another teacher"), (bf16, CHUNKS, 5, "another dtype")]
     for t, chunks, k, what in cases:
         with pytest.raises(TeacherCacheError, match=f"{path}: made from {what}"):
             teacher_cache.ensure(path, t, chunks, k)

@@ -131,6 +131,16 @@ def test_lora_changes_only_adapter_weights_and_reloads_unmerged(chunks, tmp_path
                                    model(input_ids=chunks[:2]).logits, rtol=0, atol=1e-6)
 
 
+def test_a_checkpoint_of_other_training_text_is_refused(chunks, tmp_path):
+    from idp_core.lab.fit import CheckpointError
+
+    lm = tiny_llama()
+    ckpt = tmp_path / "p.pt"
+    train_prompt(lm, chunks, 3, FAST, seed=0, checkpoint=ckpt)
+    with pytest.raises(CheckpointError, match=r"p\.pt: made by another configuration.*chunks"):
+        train_prompt(lm, chunks.flip(0), 3, FAST, seed=0, checkpoint=ckpt)
+
+
 def test_cli_trains_bank_and_adapter(tmp_path):
     lm = tiny_llama(seed=5)
     lm.model.save_pretrained(tmp_path / "m")
