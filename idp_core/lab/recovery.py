@@ -142,7 +142,8 @@ def _rows_git(meta: dict[str, Any]) -> str:
     rows = {name: c for name, c in (meta.get("rows_git") or {}).items() if c != [meta["git"]]}
     if not rows:
         return ""
-    return " (tasks ran at: " + "; ".join(f"{n} {', '.join(c)}" for n, c in rows.items()) + ")"
+    return " (tasks ran at: " + "; ".join(f"{n} {', '.join(c) or 'an unrecorded commit'}"
+                                          for n, c in rows.items()) + ")"
 
 
 def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
