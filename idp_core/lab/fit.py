@@ -83,18 +83,20 @@ class FitState:
 
 
 def batch_order(num: int, batch_size: int, seed: int) -> Iterator[Tensor]:
-    """Index tensors [batch_size] over a shuffled pool, reshuffled each epoch (deterministic)."""
+    """Index tensors [batch_size] over a shuffled pool, reshuffled each epoch (deterministic);
+    a batch that crosses an epoch's end takes the rest of it and the start of the next (of
+    several, for a pool smaller than a batch)."""
     g = torch.Generator().manual_seed(seed)
     order, pos = torch.randperm(num, generator=g), 0
     while True:
-        if pos + batch_size > num:
-            take = order[pos:]
-            order = torch.randperm(num, generator=g)
-            pos = batch_size - len(take)
-            yield torch.cat([take, order[:pos]])
-        else:
-            yield order[pos : pos + batch_size]
-            pos += batch_size
+        parts, need = [], batch_size
+        while need:
+            if pos == num:
+                order, pos = torch.randperm(num, generator=g), 0
+            parts.append(order[pos : pos + need])
+            pos += len(parts[-1])
+            need -= len(parts[-1])
+        yield torch.cat(parts)
 
 
 class CheckpointError(ValueError):

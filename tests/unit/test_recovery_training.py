@@ -176,3 +176,21 @@ def test_prefix_mlp_against_its_per_token_definition_and_resumes_exactly(tmp_pat
             torch.testing.assert_close(got[:, :, :, i], enc.start[:, :, :, i] + delta)
     with pytest.raises(ValueError, match="only 'mlp', for a fresh deep prompt"):
         make_student(tiny, "shallow", 3, chunks, reparam="mlp")
+
+
+def test_batch_order_walks_epochs_and_fills_every_batch():
+    import itertools
+
+    from idp_core.lab.fit import batch_order
+
+    def reference(num, batch_size, seed):  # the slow, obvious way: one stream of epochs
+        g = torch.Generator().manual_seed(seed)
+        stream = itertools.chain.from_iterable(
+            torch.randperm(num, generator=g).tolist() for _ in itertools.count())
+        while True:
+            yield [next(stream) for _ in range(batch_size)]
+
+    for num, batch_size in [(10, 4), (8, 4), (5, 5), (3, 8), (1, 2)]:
+        got = [b.tolist() for b in itertools.islice(batch_order(num, batch_size, 7), 12)]
+        want = list(itertools.islice(reference(num, batch_size, 7), 12))
+        assert got == want, (num, batch_size)
