@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_files import DEPLOY
+from deploy_files import DEPLOY, REPO
 
 from server.settings import ReplicaSettings, Settings
 
@@ -132,6 +132,24 @@ def test_rayservice_runs_the_serve_config_one_gpu_per_replica(
         assert ports["serve"] == 8000 and ports["metrics"] == 8080
     for group in (head, gpu):
         assert group["rayStartParams"]["metrics-export-port"] == "8080"
+
+
+def test_the_worker_pods_share_a_cache_claim_they_can_write(rayservice: dict[str, Any]) -> None:
+    # before: the manifest mounted a claim nothing created, so no worker pod could start
+    (gpu,) = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    pod = gpu["template"]["spec"]
+    (volume,) = pod["volumes"]
+    (worker,) = pod["containers"]
+    assert {m["name"]: m["mountPath"] for m in worker["volumeMounts"]} == {volume["name"]:
+                                                                           "/app/.cache"}
+    pvc = yaml.safe_load((RAY / "idp-cache-pvc.yaml").read_text())
+    assert (pvc["apiVersion"], pvc["kind"]) == ("v1", "PersistentVolumeClaim")
+    assert pvc["metadata"]["name"] == volume["persistentVolumeClaim"]["claimName"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # pods on several nodes at once
+    assert "kubectl apply -f deploy/ray/idp-cache-pvc.yaml" in RAYSERVICE.read_text()
+    user = next(line.split()[1] for line in (REPO / "Dockerfile").read_text().splitlines()
+                if line.startswith("USER "))
+    assert pod["securityContext"]["fsGroup"] == int(user.split(":")[1])  # the image's group
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
