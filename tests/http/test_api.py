@@ -178,14 +178,15 @@ def test_tokenizer_endpoints(server):
 
 def test_client_disconnect_mid_stream_frees_slot(server):
     with httpx.stream("POST", server.url + "/v1/completions", json={
-            "prompt": "abc", "max_tokens": 400, "stream": True, "ignore_eos": True}) as r:
+            "prompt": "abc", "max_tokens": 500, "stream": True, "ignore_eos": True}) as r:
         for _ in zip(range(3), r.iter_lines(), strict=False):
             pass
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # the row is retired at a later step
         text = httpx.get(server.url + "/metrics").text
         running = [x for x in text.splitlines() if x.startswith("idp_num_requests_running{")]
-        if running and float(running[0].rsplit(" ", 1)[1]) == 0:
+        if running and float(running[0].rsplit(" ", 1)[1]) == 0 and \
+                'type="client_disconnected"' in text:
             break
         time.sleep(0.1)
     assert 'type="client_disconnected"' in text

@@ -38,13 +38,13 @@ def serve(**settings_kw) -> tuple:
 def force_output(monkeypatch: pytest.MonkeyPatch, engine: Engine, text: str) -> None:
     """Every request generates the bytes of `text` (one token each), then what it samples."""
     ids = engine.lm.tokenizer(text, add_special_tokens=False).input_ids
-    steps: dict[int, itertools.count] = {}
+    steps: dict[int, tuple[GenConfig, itertools.count]] = {}  # holds each config: ids stay unique
     real = generate.sample
 
     def sample(logits, configs, generators):
         tokens = real(logits, configs, generators)
         for b, config in enumerate(configs):
-            i = next(steps.setdefault(id(config), itertools.count()))
+            i = next(steps.setdefault(id(config), (config, itertools.count()))[1])
             if i < len(ids):
                 tokens[b] = ids[i]
         return tokens
@@ -105,11 +105,11 @@ def test_out_of_memory_is_counted_once(monkeypatch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(state.engine, "step", step)
+    body = {"prompt": "hello", "max_tokens": 4, "ignore_eos": True}  # no EOS before the step
     with TestClient(app) as client:
-        r = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 4})
+        r = client.post("/v1/completions", json=body)
         assert r.status_code == 503 and r.json()["error"]["code"] == "out_of_memory"
-        text = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 4,
-                                                    "stream": True}).text
+        text = client.post("/v1/completions", json={**body, "stream": True}).text
     assert '"code": "out_of_memory"' in text and text.endswith("data: [DONE]\n\n")
     assert errors(state) == {"out_of_memory": 2.0}
 
