@@ -49,7 +49,7 @@ async def collect_all(s: ServingState, works: list[Submission],
             c.cancel()
         for w in works:  # no-op for finished ones; frees the slots of the rest
             w.cancel(by_client=by_client)
-    if by_client or task.cancelled():
+    if by_client:
         raise ClientDisconnected("the client disconnected")
     try:
         return list(task.result())
