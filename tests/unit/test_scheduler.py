@@ -8,30 +8,29 @@ import time
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
+from servers import write_tiny_artefacts
 from starlette.testclient import TestClient
-from tiny import random_bank, tiny_llama
+from tiny import tiny_llama
 
 import idp_core.generate as generate
-from idp_core.build import build_engine
 from idp_core.config import GenConfig
 from idp_core.generate import Engine, GenRequest
-from server.app import build_app
-from server.metrics import Metrics
-from server.scheduler import Scheduler
+from server.app import build_app, load_state
 from server.settings import Settings
 from server.state import ServingState
 
 
-def serve(**settings_kw) -> tuple:
-    """(app, state) serving the tiny model with a random bank."""
-    settings = Settings(**settings_kw)
-    lm = tiny_llama(attn="sdpa")
-    engine = build_engine(lm, bank=random_bank(lm), check_fingerprint=False)
-    scheduler = Scheduler(engine, Metrics("tiny", "idp"), max_batch_size=settings.max_batch_size,
-                          max_batch_tokens=settings.max_batch_tokens,
-                          max_queue=settings.max_queue)
-    scheduler.start()
-    state = ServingState(lm, engine, scheduler, None, "tiny", "idp", int(time.time()))
+@pytest.fixture(scope="module")
+def artefacts(tmp_path_factory):
+    return write_tiny_artefacts(tmp_path_factory.mktemp("tiny"))
+
+
+def serve(artefacts, **settings_kw) -> tuple:
+    """(app, state) serving the tiny model and its bank, loaded as `idp serve` loads them."""
+    settings = Settings(model=str(artefacts["model"]), bank=str(artefacts["bank"]),
+                        dtype="float32", **settings_kw)
+    state = load_state(settings, CollectorRegistry())
     return build_app(settings, state=state), state
 
 
@@ -73,9 +72,9 @@ def test_a_stop_string_of_many_byte_tokens_is_found(monkeypatch, stop):
     assert (res.finish_reason, res.text) == ("stop", "xy")
 
 
-def test_a_stream_never_sends_the_start_of_a_stop_string(monkeypatch):
+def test_a_stream_never_sends_the_start_of_a_stop_string(monkeypatch, artefacts):
     # "é" is two byte tokens: after its first, the text ends in an incomplete character
-    app, state = serve()
+    app, state = serve(artefacts)
     force_output(monkeypatch, state.engine, "abx\u00e9 yz")
     body = {"prompt": "hi", "max_tokens": 7, "stop": ["x\u00e9"], "temperature": 0}
     with TestClient(app) as client:
@@ -86,10 +85,10 @@ def test_a_stream_never_sends_the_start_of_a_stop_string(monkeypatch):
     assert whole == streamed == "ab"
 
 
-def test_more_prompts_than_the_queue_holds_is_a_bad_request():
+def test_more_prompts_than_the_queue_holds_is_a_bad_request(artefacts):
     # before: 503 with Retry-After on an idle server, forever, its queued siblings counted as
     # disconnects
-    app, state = serve(max_queue=4)
+    app, state = serve(artefacts, max_queue=4)
     with TestClient(app) as client:
         r = client.post("/v1/completions", json={"prompt": list("abcdefgh"), "max_tokens": 2})
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
@@ -98,8 +97,8 @@ def test_more_prompts_than_the_queue_holds_is_a_bad_request():
     assert errors(state) == {"invalid_request_error": 1.0}
 
 
-def test_out_of_memory_is_counted_once(monkeypatch):
-    app, state = serve()
+def test_out_of_memory_is_counted_once(monkeypatch, artefacts):
+    app, state = serve(artefacts)
 
     def step(batch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -114,8 +113,8 @@ def test_out_of_memory_is_counted_once(monkeypatch):
     assert errors(state) == {"out_of_memory": 2.0}
 
 
-def test_a_timeout_is_not_a_disconnect(monkeypatch):
-    app, state = serve(request_timeout_s=0.05)
+def test_a_timeout_is_not_a_disconnect(monkeypatch, artefacts):
+    app, state = serve(artefacts, request_timeout_s=0.05)
     real = state.engine.step
 
     def slow_step(batch):
