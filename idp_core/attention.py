@@ -24,6 +24,8 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from idp_core.rows import current_rows
+
 PREFIX_ATTENTION = "idp_prefix_sdpa"
 
 
@@ -115,6 +117,75 @@ def decode_attention(
     return out.to(query.dtype).reshape(batch, heads, 1, dim)
 
 
+def _flash_merge(query: Tensor, parts: list[tuple[Tensor, Tensor, bool]], *,
+                 scale: float) -> Tensor:
+    """Attention of `query` [1, H, T, D] over key/value segments [(k, v, causal)], each on the
+    fused CPU kernel without a mask, merged by their log-sum-exps: [1, H, T, D]."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out, lse = flash(query, parts[0][0], parts[0][1], 0.0, parts[0][2], scale=scale)
+    for key, value, causal in parts[1:]:
+        out_b, lse_b = flash(query, key, value, 0.0, causal, scale=scale)
+        weight = torch.sigmoid(lse_b - lse)  # share of the new segment
+        out = torch.lerp(out, out_b, weight[..., None].to(out.dtype))
+        lse = torch.logaddexp(lse, lse_b)
+    return out
+
+
+def exact_prefix_attention(
+    query: Tensor,  # [B, H, T, D]
+    key: Tensor,  # [B, Hkv, W+T, D]
+    value: Tensor,  # [B, Hkv, W+T, D]
+    valid: Tensor,  # [B, 1, 1, W] bool prefix mask (left-padded)
+    tokens: list[int],  # real input tokens of each row (right-padded)
+    *,
+    scale: float,
+) -> Tensor:
+    """`split_prefix_attention`, one row at a time on its own keys only: [B, H, T, D].
+
+    Row b attends non-causally to its n_b prompt keys and causally to its first tokens[b]
+    input keys, the shapes it has alone, so neither the batch nor its padding changes a bit
+    of its result (batch invariance). Pad queries get zeros.
+    """
+    width = valid.shape[-1]
+    out = torch.zeros_like(query)
+    for b, (n, t) in enumerate(zip(valid.sum(dim=-1).flatten().tolist(), tokens, strict=True)):
+        q = query[b : b + 1, :, :t]
+        parts = [(key[b : b + 1, :, width : width + t], value[b : b + 1, :, width : width + t],
+                  True)]
+        if n:
+            parts.append((key[b : b + 1, :, width - n : width],
+                          value[b : b + 1, :, width - n : width], False))
+        out[b : b + 1, :, :t] = _flash_merge(q, parts, scale=scale)
+    return out
+
+
+def exact_decode_attention(
+    query: Tensor,  # [B, H, 1, D]
+    key: Tensor,  # [B, Hkv, S, D]
+    value: Tensor,  # [B, Hkv, S, D]
+    mask: Tensor | None,  # [B, 1, 1, S] bool (True: attend) or None (every key)
+    generated: list[int],  # tokens each row generated: the last generated[b] keys
+    *,
+    scale: float,
+) -> Tensor:
+    """Decode attention one row at a time over its two segments, [prompt; input] and the
+    generated tail, whatever padding the batch put around them: [B, H, 1, D]."""
+    seq = key.shape[2]
+    valid = torch.ones(key.shape[0], seq, dtype=torch.bool, device=key.device) if mask is None \
+        else mask[:, 0, 0].bool()
+    firsts = valid.int().argmax(dim=-1).tolist()
+    counts = valid.sum(dim=-1).tolist()
+    out = torch.empty_like(query)
+    for b, (first, count, g) in enumerate(zip(firsts, counts, generated, strict=True)):
+        head = count - g  # [prompt; input]: contiguous, ends before the generated tail
+        parts = [(key[b : b + 1, :, seq - g :], value[b : b + 1, :, seq - g :], False)]
+        if head > 0:
+            parts.append((key[b : b + 1, :, first : first + head],
+                          value[b : b + 1, :, first : first + head], False))
+        out[b : b + 1] = _flash_merge(query[b : b + 1], parts, scale=scale)
+    return out
+
+
 def prefix_attention_forward(
     module: torch.nn.Module,
     query: Tensor,  # [B, H, T, D]
@@ -131,7 +202,15 @@ def prefix_attention_forward(
     prefix = is_prefix_mask(attention_mask, query, key)
     if dropout == 0 and query.device.type == "cpu" and (prefix or query.shape[2] == 1):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        if prefix:
+        rows = current_rows()
+        exact = rows is not None and rows.exact and len(rows.tokens) == query.shape[0]
+        if exact and prefix:
+            out = exact_prefix_attention(query, key, value, attention_mask, rows.tokens,
+                                         scale=scale)
+        elif exact and rows.generated is not None:
+            out = exact_decode_attention(query, key, value, attention_mask, rows.generated,
+                                         scale=scale)
+        elif prefix:
             out = split_prefix_attention(query, key, value, attention_mask, scale=scale)
         else:
             out = decode_attention(query, key, value, attention_mask, scale=scale)

@@ -27,6 +27,7 @@ def build_engine(
     strict_fingerprint: bool = False,
     origin: str = "bank",
     adapter_fp32: bool = False,
+    batch_invariant: bool = True,
 ) -> Engine:
     """An engine serving `lm` with a prompt bank (its KV computed once), a LoRA adapter, or
     neither.
@@ -40,6 +41,8 @@ def build_engine(
         strict_fingerprint: refuse a bank trained on other weights instead of warning.
         origin: how the bank is named in fingerprint messages (its folder).
         adapter_fp32: keep peft's float32 adapter weights (LoRA only).
+        batch_invariant: attention computes each row on its own keys (CPU), so a request's
+            output does not depend on its batch; False: batched kernels, faster per step.
 
     Returns:
         The engine; requests without a bank are counted under method "lora" in LoRA mode.
@@ -48,9 +51,10 @@ def build_engine(
         raise ValueError("give a prompt bank or a LoRA adapter, not both")
     if lora is not None:
         attach_lora(lm, lora, adapter_fp32=adapter_fp32)  # unmerged
-        return Engine(lm, None, select_config=select_config, method_without_bank="lora")
+        return Engine(lm, None, select_config=select_config, method_without_bank="lora",
+                      batch_invariant=batch_invariant)
     if bank is None:
-        return Engine(lm, None, select_config=select_config)
+        return Engine(lm, None, select_config=select_config, batch_invariant=batch_invariant)
     if check_fingerprint:
         bank.check_model(lm.fingerprint, strict=strict_fingerprint, origin=origin)
     if select_config.rule in ("centroid", "linear") and select_config.rule not in bank.routers:
@@ -64,4 +68,4 @@ def build_engine(
     store = precompute_prompt_kv(lm.model, bank)
     log.info("pinned KV of %d prompts (%s tokens, %.1f MB) in %.2f s", len(bank.names),
              bank.lengths, store.num_bytes() / 1e6, time.perf_counter() - t0)
-    return Engine(lm, store, select_config=select_config)
+    return Engine(lm, store, select_config=select_config, batch_invariant=batch_invariant)

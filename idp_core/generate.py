@@ -20,6 +20,7 @@ from idp_core.attention import enable_prefix_attention, prefix_attention_mask
 from idp_core.config import AUTO, CONCAT, NONE, GenConfig, SelectConfig
 from idp_core.kv import PrefixKV, PromptKVStore, concat_rows, select_rows, stack_prefixes
 from idp_core.model import LoadedModel
+from idp_core.rows import Rows, forward_rows
 from idp_core.sampling import make_generator, sample
 from idp_core.select import select_prompts
 
@@ -104,8 +105,12 @@ class Engine:
         *,
         select_config: SelectConfig = SelectConfig(),
         method_without_bank: str = "none",
+        batch_invariant: bool = True,
     ) -> None:
         self.lm = lm
+        # Each row's attention over its own keys only (attention.py): a request's output does
+        # not depend on the requests batched beside it, at some cost per decode step.
+        self.batch_invariant = batch_invariant
         self.store = store
         self.select_config = select_config
         self.method_without_bank = method_without_bank  # "lora" for a LoRA-mode server
@@ -185,8 +190,10 @@ class Engine:
         auto = [s for s in seqs if s.prompt_used == AUTO]
         if not auto or self.store is None:
             return
-        ids, mask = self._pad([s.request.input_ids for s in auto])
-        sel = select_prompts(self.lm.model, self.store, ids, mask, self.select_config)
+        rows = [s.request.input_ids for s in auto]
+        ids, mask = self._pad(rows)
+        with forward_rows(Rows([len(r) for r in rows])):  # packed layers: kernel per row length
+            sel = select_prompts(self.lm.model, self.store, ids, mask, self.select_config)
         for s, idx, row in zip(auto, sel.indices.tolist(), sel.scores.tolist(), strict=True):
             s.prompt_used = self.store.names[idx]
             s.scores = dict(zip(self.store.names, row, strict=True))
@@ -214,13 +221,16 @@ class Engine:
         cache, prefix_mask = stack_prefixes(entries, model=self.lm.model, reserve=reserve)
         mask = torch.cat([prefix_mask, input_mask], dim=1)  # [B, W+T]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_mask.shape[1] :]
-        hidden = self.decoder(
-            input_ids=ids,
-            attention_mask=prefix_attention_mask(prefix_mask) if self.split_prefill else mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state  # [B, T, d]
+        # Packed layers pick a kernel by each row's length; exact attention computes each row
+        # on its own keys; neither depends on the batch.
+        with forward_rows(Rows(lengths, exact=self.batch_invariant)):
+            hidden = self.decoder(
+                input_ids=ids,
+                attention_mask=prefix_attention_mask(prefix_mask) if self.split_prefill else mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state  # [B, T, d]
         rows = torch.arange(len(seqs), device=self.device)
         last = torch.tensor(lengths, device=self.device) - 1
         logits = self.lm_head(hidden[rows, last]).float()  # [B, V]
@@ -252,13 +262,18 @@ class Engine:
         """One decode step for every row: feed its last token, sample the next."""
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.seqs), 1)], dim=1)
         positions = torch.tensor([[s.next_pos] for s in batch.seqs], device=self.device)
-        hidden = self.decoder(
-            input_ids=batch.last_tokens[:, None],
-            attention_mask=batch.mask,
-            position_ids=positions,
-            past_key_values=batch.cache,
-            use_cache=True,
-        ).last_hidden_state[:, -1]  # [B, d]
+        # The cache of a row ends with the tokens it generated (merges align rows at the end):
+        # exact attention takes [prompt; input] and the generated tail as its two segments.
+        rows = Rows([1] * len(batch.seqs), generated=[len(s.output_ids) for s in batch.seqs],
+                    exact=self.batch_invariant)
+        with forward_rows(rows):
+            hidden = self.decoder(
+                input_ids=batch.last_tokens[:, None],
+                attention_mask=batch.mask,
+                position_ids=positions,
+                past_key_values=batch.cache,
+                use_cache=True,
+            ).last_hidden_state[:, -1]  # [B, d]
         for s in batch.seqs:
             s.next_pos += 1
         batch.last_tokens = self._emit(batch.seqs, self.lm_head(hidden).float())

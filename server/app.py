@@ -82,13 +82,15 @@ def load_state(settings: Settings, metrics_registry: CollectorRegistry | None = 
     bank = PromptBank.load(bank_dir) if bank_dir else None  # fast: fail before the model
     if model_source is None:
         model_source = str(default_model())
-    lm = load_model(model_source, dtype=settings.dtype, device=settings.device)
+    lm = load_model(model_source, dtype=settings.dtype, device=settings.device,
+                    weights=settings.weights)
     mode = "lora" if settings.lora else "idp" if bank is not None else "none"
     engine = build_engine(lm, bank=bank, lora=settings.lora or None,
                           select_config=SelectConfig(score=settings.selection_score,
                                                      align=settings.selection_align,
                                                      rule=settings.selection_rule),
-                          strict_fingerprint=settings.strict_fingerprint, origin=bank_dir or "")
+                          strict_fingerprint=settings.strict_fingerprint, origin=bank_dir or "",
+                          batch_invariant=settings.batch_invariant)
     engine.generate([GenRequest([lm.tokenizer.eos_token_id or 0], GenConfig(max_tokens=2))])
     name = settings.served_model_name or lm.name
     metrics = metrics_class(name, mode, metrics_registry)

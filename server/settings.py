@@ -21,6 +21,13 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     device: str = "cpu"
+    weights: Literal["auto", "packed", "dense"] = Field(
+        "auto", description="GPTQ linear layers as packed int4 on torch's int4 kernel "
+        "('packed'; refused where none takes them), dequantized once to dense tensors "
+        "('dense'), or packed where a kernel exists ('auto')")
+    batch_invariant: bool = Field(
+        True, description="attention computes each row on its own keys (CPU): a request's "
+        "output does not depend on what is batched beside it; false: batched kernels, faster")
     max_batch_size: int = Field(16, ge=1, description="rows decoded together")
     max_batch_tokens: int = Field(
         16384, ge=1, description="input + output tokens in flight (cached prompt prefixes "

@@ -285,7 +285,7 @@ def compress(
         lm.tokenizer.save_pretrained(partial)
     del lm
 
-    reloaded = load_model(partial, dtype="float32")
+    reloaded = load_model(partial, dtype="float32", weights="dense")
     ppl_after = wikitext_perplexity(reloaded, config)
     report = {
         "source": source_name,
@@ -318,7 +318,8 @@ def compress(
         # (which a bank records) depends on the load dtype: keep both.
         "fingerprint": {
             "float32": reloaded.fingerprint.to_dict(),
-            "bfloat16": load_model(partial, dtype="bfloat16").fingerprint.to_dict(),
+            "bfloat16": load_model(partial, dtype="bfloat16",
+                                   weights="dense").fingerprint.to_dict(),
         },
     }
     (partial / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")

@@ -549,7 +549,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"idp curve: {wikitext} not found (pass --data)")
 
     lm = load_model(Path(args.model) if args.model else ensure_default_model(), dtype=args.dtype,
-                    device=args.device)
+                    device=args.device, weights="dense")  # trained through: dense
     teacher = load_model(args.teacher, dtype=args.dtype, device=args.device)
     check_teacher(lm, teacher)
     sources = split_sources(data_dir)

@@ -434,7 +434,8 @@ def load_models(source: str | Path, teacher: str | None, config: TrainConfig, *,
     from idp_core.lab.objective import check_teacher
     from idp_core.model import load_model
 
-    lm = load_model(source, dtype=config.dtype, device=device)
+    # Training needs gradients through the base model: dense weights (the int4 kernel has none).
+    lm = load_model(source, dtype=config.dtype, device=device, weights="dense")
     if config.loss == "lm":
         return lm, None
     original = load_model(teacher, dtype=config.dtype, device=device)

@@ -1,0 +1,225 @@
+"""Packed int4 weights (idp_core/packed.py) against the dense dequantised weights they hold:
+the layer, a tiny random model quantised here (every engine path), a compressed-tensors
+checkpoint made by `idp compress`, LoRA over packed layers, and batch invariance."""
+
+import copy
+
+import pytest
+import torch
+from tiny import random_bank, random_deep_bank, tiny_llama
+
+from idp_core.build import build_engine
+from idp_core.config import GenConfig
+from idp_core.generate import GenRequest
+from idp_core.kv import precompute_prompt_kv
+from idp_core.model import LoadedModel, attach_lora, fingerprint, load_model, wrap_model
+from idp_core.packed import (
+    DENSE_MIN_TOKENS,
+    PackedInt4Linear,
+    quantize_rtn,
+    unsupported_reason,
+    weight_bytes,
+)
+from idp_core.rows import Rows, forward_rows
+
+G = 32
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+INPUTS = [[5, 9, 23, 42, 7], [100, 3], [17, 17, 60, 61], [200], [8, 9, 10, 11, 12, 13, 14],
+          list(range(30, 30 + DENSE_MIN_TOKENS + 6))]  # the last row is long: dense path
+# bf16 activations: packed bf16 scales and a different summation order than the dense bf16
+# matmul, through two layers; float32 activations leave only the summation order.
+BF16_ATOL, FP32_ATOL = 0.15, 2e-4
+
+
+def reference(weight, codes, scale, zero=None):
+    w = (codes.float() - 8).view(weight.shape[0], -1, G) * scale[..., None]
+    if zero is not None:
+        w = w + zero[..., None]
+    return w.view(weight.shape)
+
+
+@pytest.mark.parametrize("n,k", [(128, 256), (192, 64)])
+def test_layer_matches_its_dequantised_weights(n, k):
+    torch.manual_seed(0)
+    weight = torch.randn(n, k)
+    codes, scale = quantize_rtn(weight, group_size=G)
+    zero = torch.randn_like(scale) * 0.01
+    perm = torch.randperm(k)  # act-order: column j of the codes is input column perm[j]
+    layer = PackedInt4Linear(codes, scale, zero, group_size=G, perm=perm, dtype=torch.float32)
+    dense = torch.empty(n, k).index_copy_(1, perm, reference(weight, codes, scale, zero))
+    torch.testing.assert_close(layer.dequantize(), dense, atol=1e-6, rtol=0)
+    x = torch.randn(3, 70, k)  # 70 tokens a row: the dense scratch path
+    torch.testing.assert_close(layer(x), x @ dense.t(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(layer(x[:, :5]), x[:, :5] @ dense.t(), atol=1e-4, rtol=1e-4)
+    bf16 = PackedInt4Linear(codes, scale, None, group_size=G)  # codes, bf16 scales and zeros
+    assert weight_bytes(bf16) == n * k // 2 + (k // G) * n * 2 * 2  # vs 2 n k dense bf16
+
+
+def test_each_row_takes_the_kernel_of_its_own_length():
+    torch.manual_seed(1)
+    codes, scale = quantize_rtn(torch.randn(128, 64), group_size=G)
+    layer = PackedInt4Linear(codes, scale, None, group_size=G)
+    x = torch.randn(3, DENSE_MIN_TOKENS + 1, 64, dtype=torch.bfloat16)
+    with forward_rows(Rows([DENSE_MIN_TOKENS + 1, 4, 2])):
+        mixed = layer(x)
+    assert torch.equal(mixed[0], layer(x[:1])[0])  # long row alone: dense
+    with forward_rows(Rows([4])):
+        assert torch.equal(mixed[1], layer(x[1:2])[0])  # short row alone: kernel
+
+
+def test_shapes_no_kernel_takes_are_refused():
+    assert "group size 16" in unsupported_reason(128, 64, 16, 4, torch.device("cpu"))
+    assert "5-bit" in unsupported_reason(128, 64, 32, 5, torch.device("cpu"))
+    assert "out_features 100" in unsupported_reason(100, 64, 32, 4, torch.device("cpu"))
+    with pytest.raises(ValueError, match="cannot pack a 100x64 layer"):
+        PackedInt4Linear(torch.zeros(100, 64, dtype=torch.uint8), torch.ones(100, 2), None,
+                         group_size=G)
+
+
+def packed_pair(dtype: torch.dtype) -> tuple[LoadedModel, LoadedModel]:
+    """A tiny model with every linear layer quantised (RTN, group 32) twice: packed on the int4
+    kernel, and dense holding the same dequantised values (the reference)."""
+    base = tiny_llama(seed=5, hidden=128, heads=4, kv_heads=2, attn="sdpa")
+    packed_model = copy.deepcopy(base.model).to(dtype)
+    dense_model = copy.deepcopy(base.model).to(dtype)
+    for name, module in base.model.named_modules():
+        if name.rsplit(".", 1)[-1] in LINEARS:
+            codes, scale = quantize_rtn(module.weight, group_size=G)
+            layer = PackedInt4Linear(codes, scale, None, group_size=G, dtype=dtype)
+            packed_model.set_submodule(name, layer)
+            dense_model.get_submodule(name).weight.copy_(layer.dequantize())
+    packed = wrap_model(packed_model, base.tokenizer, name="tiny-packed")
+    packed.weights = "packed-int4"
+    return packed, wrap_model(dense_model, base.tokenizer, name="tiny-dense")
+
+
+@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def pair(request):
+    return (*packed_pair(request.param), request.param)
+
+
+def requests(bank_names):
+    sels = [bank_names[1], "none", "concat", bank_names[0], "auto", bank_names[2]]
+    return [GenRequest(ids, GenConfig(max_tokens=6, logprobs=2, echo=True), sel)
+            for ids, sel in zip(INPUTS, sels, strict=True)]
+
+
+@pytest.mark.parametrize("kind", ["shallow", "deep"])
+def test_packed_engine_matches_dense_dequantised(pair, kind):
+    packed, dense, dtype = pair
+    assert fingerprint(packed.model) == fingerprint(dense.model)  # a bank fits both
+    make_bank = random_bank if kind == "shallow" else random_deep_bank
+    bank = make_bank(dense)
+    got = build_engine(packed, bank=bank).generate(requests(bank.names))
+    want = build_engine(dense, bank=bank).generate(requests(bank.names))
+    atol = FP32_ATOL if dtype == torch.float32 else BF16_ATOL
+    for g, w in zip(got, want, strict=True):
+        assert g.prompt_used == w.prompt_used  # the IDP selection picks the same prompt
+        if dtype == torch.float32:
+            assert g.output_ids == w.output_ids
+        same = [a == b for a, b in zip(g.output_ids, w.output_ids, strict=True)]
+        n = same.index(False) if False in same else len(same)  # bf16: up to a differing token
+        torch.testing.assert_close(torch.tensor([x.logprob for x in g.output_logprobs[:n]]),
+                                   torch.tensor([x.logprob for x in w.output_logprobs[:n]]),
+                                   atol=atol, rtol=0)
+        torch.testing.assert_close(torch.tensor([x.logprob for x in g.prompt_logprobs[1:]]),
+                                   torch.tensor([x.logprob for x in w.prompt_logprobs[1:]]),
+                                   atol=atol, rtol=0)
+        torch.testing.assert_close(torch.tensor(list(g.scores.values())) if g.scores else
+                                   torch.zeros(0), torch.tensor(list(w.scores.values()))
+                                   if w.scores else torch.zeros(0), atol=1e-2, rtol=0)
+
+
+def test_greedy_output_does_not_depend_on_the_batch():
+    """The default configuration (packed weights, exact attention, bf16): a request alone and
+    beside eight others, admitted together or into a running batch, gives the same tokens."""
+    packed, _ = packed_pair(torch.bfloat16)
+    bank = random_deep_bank(packed)
+    engine = build_engine(packed, bank=bank)
+    config = GenConfig(max_tokens=24, ignore_eos=True)
+    others = [GenRequest(ids, config, sel) for ids, sel in zip(
+        INPUTS + [[9, 9], [1, 2, 3]], ["none", *bank.names, "concat", *bank.names], strict=False)]
+    for t in range(8):  # with batched kernels (batch_invariant=False) one of these differed
+        target = GenRequest([72 + t, 101, 108, 108, 111][: 2 + t % 4], config,
+                            bank.names[t % 3])
+        alone = engine.generate([target])[0].output_ids
+        assert engine.generate(others[:4] + [target] + others[4:8])[4].output_ids == alone
+    batch = engine.start(others[:8])  # admitted mid-generation, merged into a running batch
+    engine.step(batch)
+    late = engine.start([target])
+    batch = engine.merge(batch, late)
+    while batch is not None:
+        batch, _ = engine.retire(batch)
+        if batch is not None:
+            engine.step(batch)
+    assert engine.result(late.seqs[0]).output_ids == alone
+
+
+def test_lora_runs_unmerged_over_packed_layers():
+    from peft import LoraConfig
+
+    packed, dense = packed_pair(torch.float32)
+    config = LoraConfig(r=4, target_modules=list(LINEARS), init_lora_weights=False)
+    n_packed = attach_lora(packed, copy.deepcopy(config))
+    torch.manual_seed(0)
+    n_dense = attach_lora(dense, config)
+    assert n_packed == n_dense
+    packed.model.load_state_dict(dense.model.state_dict(), strict=False)  # same adapter
+    assert all(p.dtype == torch.float32 for n, p in packed.model.named_parameters()
+               if "lora_" in n)
+    ids = torch.tensor([INPUTS[4]])
+    torch.testing.assert_close(packed.model(ids).logits, dense.model(ids).logits,
+                               atol=FP32_ATOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    """GPTQ W4 g32 of a tiny model whose layer shapes the kernel takes, by `idp compress`."""
+    from idp_core.lab.compress import CompressConfig, compress
+
+    lm = tiny_llama(seed=3, hidden=128, heads=4, kv_heads=2)
+    folder = tmp_path_factory.mktemp("tiny128")
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    config = CompressConfig(method="gptq", bits=4, group_size=G, num_samples=4, seq_len=64,
+                            eval_windows=0)
+    return compress(folder, tmp_path_factory.mktemp("gptq") / "q", config)
+
+
+def test_compressed_tensors_checkpoint_loads_packed(compressed):
+    packed = load_model(compressed, dtype="float32", weights="packed")
+    dense = load_model(compressed, dtype="float32", weights="dense")
+    assert packed.weights == "packed-int4" and not packed.dequantized
+    assert dense.weights == "dense" and dense.dequantized
+    assert packed.fingerprint == dense.fingerprint  # a bank trained on dense loads on packed
+    assert packed.describe()["weight_bytes"] < dense.describe()["weight_bytes"]
+    layers = [m for m in packed.model.modules() if isinstance(m, PackedInt4Linear)]
+    assert len(layers) == 2 * len(LINEARS)
+    for name, module in packed.model.named_modules():
+        if isinstance(module, PackedInt4Linear):
+            torch.testing.assert_close(module.dequantize(),
+                                       dense.model.get_submodule(name).weight, atol=0, rtol=0)
+    ids = torch.tensor([INPUTS[4]])
+    torch.testing.assert_close(packed.model(ids).logits, dense.model(ids).logits,
+                               atol=FP32_ATOL, rtol=0)
+    bank = random_bank(dense)
+    precompute_prompt_kv(packed.model, bank)  # the bank's fingerprint check passes in build
+    build_engine(packed, bank=bank, strict_fingerprint=True)
+
+
+def test_no_kernel_falls_back_dense_or_is_refused(tmp_path, caplog):
+    from idp_core.lab.compress import CompressConfig, compress
+
+    lm = tiny_llama(seed=3, hidden=128, heads=4, kv_heads=2)
+    lm.model.save_pretrained(tmp_path / "m")
+    lm.tokenizer.save_pretrained(tmp_path / "m")
+    config = CompressConfig(method="gptq", bits=4, group_size=16, num_samples=2, seq_len=32,
+                            eval_windows=0)
+    out = compress(tmp_path / "m", tmp_path / "q", config)
+    with caplog.at_level("INFO"):
+        auto = load_model(out, dtype="float32")
+    assert auto.weights == "dense" and "group size 16" in caplog.text
+    with pytest.raises(ValueError, match="weights 'packed' asked for.*group size 16"):
+        load_model(out, dtype="float32", weights="packed")
+    with pytest.raises(ValueError, match="weights 'packed' asked for.*not quantized"):
+        load_model(tmp_path / "m", dtype="float32", weights="packed")
