@@ -28,6 +28,7 @@ from idp_core.config import AUTO, CONCAT, NONE, GenConfig
 from idp_core.generate import Engine, GenRequest
 from idp_core.kv import compute_prefix_kv
 from idp_core.lab.bench_render import TABLES, plot
+from idp_core.lab.bench_weights import run_weights, weights_table
 from idp_core.lab.data import load_wikitext2
 from idp_core.lab.provenance import machine
 from idp_core.lab.servers import ServerProcess
@@ -405,7 +406,8 @@ def environment(lm: LoadedModel) -> dict[str, Any]:
 
 
 RUNNERS = {"latency": run_latency, "selection": run_selection, "prefix": run_prefix,
-           "served": run_served, "memory": run_memory, "profile": run_profile}
+           "served": run_served, "memory": run_memory, "profile": run_profile,
+           "weights": run_weights}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -414,6 +416,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bank", default=None, help="prompt bank; default: the shipped bank")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--weights", default="auto", choices=["auto", "packed", "dense"],
+                        help="GPTQ layers packed on the int4 kernel or dense (load_model)")
     parser.add_argument("--random-weights", action="store_true",
                         help="--model's architecture with random weights (timing only)")
     parser.add_argument("--out", default="docs/bench", help="folder for JSON, table and PNG")
@@ -442,7 +446,7 @@ def run(args: argparse.Namespace) -> int:
     if args.random_weights:
         lm = random_model(model, dtype=args.dtype, device=args.device)
     else:
-        lm = load_model(model, dtype=args.dtype, device=args.device)
+        lm = load_model(model, dtype=args.dtype, device=args.device, weights=args.weights)
     bank = PromptBank.load(args.bank or DEFAULT_BANK)
     bank.check_model(lm.fingerprint)
     runner = RUNNERS[args.which]
@@ -452,9 +456,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.which}.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = TABLES[args.which](result)
+    text = {**TABLES, "weights": weights_table}[args.which](result)
     (out / f"{args.which}.md").write_text(text + "\n")
-    plot(args.which, result, out / f"{args.which}.png")
+    if args.which != "weights":  # a table of two forms: no plot
+        plot(args.which, result, out / f"{args.which}.png")
     print(text)
     print(f"\nwrote {out}/{args.which}.json, .md and .png")
     return 0

@@ -117,6 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-windows", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--weights", default="auto", choices=["auto", "packed", "dense"],
+                        help="GPTQ layers packed on the int4 kernel or dense (load_model)")
     parser.add_argument("--score", default="mean", choices=["mean", "sum"],
                         help="IDP scoring rule for 'auto' (SelectConfig.score)")
     parser.add_argument("--align", default="end", choices=["start", "end"],
@@ -137,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         source = None
     else:
         source = Path(args.model) if args.model else ensure_default_model()
-    lm = load_model(source, dtype=args.dtype)
+    lm = load_model(source, dtype=args.dtype, weights=args.weights)
     bank, method = None, "none"
     selections = args.selections.split(",")
     if args.bank:
