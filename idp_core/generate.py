@@ -20,7 +20,7 @@ from idp_core.attention import enable_prefix_attention, prefix_attention_mask
 from idp_core.config import AUTO, CONCAT, NONE, GenConfig, SelectConfig
 from idp_core.kv import PrefixKV, PromptKVStore, concat_rows, select_rows, stack_prefixes
 from idp_core.model import LoadedModel
-from idp_core.rows import Rows, forward_rows
+from idp_core.rows import Rows, decode_rows, forward_rows
 from idp_core.sampling import make_generator, sample
 from idp_core.select import select_prompts
 
@@ -190,14 +190,22 @@ class Engine:
         auto = [s for s in seqs if s.prompt_used == AUTO]
         if not auto or self.store is None:
             return
-        rows = [s.request.input_ids for s in auto]
-        ids, mask = self._pad(rows)
-        with forward_rows(Rows([len(r) for r in rows])):  # packed layers: kernel per row length
-            sel = select_prompts(self.lm.model, self.store, ids, mask, self.select_config)
-        for s, idx, row in zip(auto, sel.indices.tolist(), sel.scores.tolist(), strict=True):
-            s.prompt_used = self.store.names[idx]
-            s.scores = dict(zip(self.store.names, row, strict=True))
-            s.selection_s = sel.seconds
+        # Batch-invariant: each row scored alone (its pass is ~1 % of a request), so padding
+        # from other rows cannot move a near-tie; otherwise one pass over the padded batch.
+        groups = [[s] for s in auto] if self.batch_invariant else [auto]
+        seconds = 0.0
+        for group in groups:
+            rows = [s.request.input_ids for s in group]
+            ids, mask = self._pad(rows)
+            with forward_rows(Rows([len(r) for r in rows])):  # packed: kernel per row length
+                sel = select_prompts(self.lm.model, self.store, ids, mask, self.select_config)
+            for s, idx, row in zip(group, sel.indices.tolist(), sel.scores.tolist(),
+                                   strict=True):
+                s.prompt_used = self.store.names[idx]
+                s.scores = dict(zip(self.store.names, row, strict=True))
+            seconds += sel.seconds
+        for s in auto:
+            s.selection_s = seconds  # the admission's whole selection time, as one pass had
 
     def _entry(self, seq: RunningRequest) -> PrefixKV | None:
         return None if self.store is None else self.store.entry(seq.prompt_used)
@@ -262,11 +270,8 @@ class Engine:
         """One decode step for every row: feed its last token, sample the next."""
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.seqs), 1)], dim=1)
         positions = torch.tensor([[s.next_pos] for s in batch.seqs], device=self.device)
-        # The cache of a row ends with the tokens it generated (merges align rows at the end):
-        # exact attention takes [prompt; input] and the generated tail as its two segments.
-        rows = Rows([1] * len(batch.seqs), generated=[len(s.output_ids) for s in batch.seqs],
-                    exact=self.batch_invariant)
-        with forward_rows(rows):
+        # Exact attention gathers each row's real keys into one canonical layout (rows.py).
+        with forward_rows(decode_rows(batch.mask, exact=self.batch_invariant)):
             hidden = self.decoder(
                 input_ids=batch.last_tokens[:, None],
                 attention_mask=batch.mask,

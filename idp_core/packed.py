@@ -118,6 +118,8 @@ class PackedInt4Linear(nn.Module):
             return None
         given = current_rows()
         if given is not None and x.dim() == 3 and len(given.tokens) == x.shape[0]:
+            if max(given.tokens) < DENSE_MIN_TOKENS:  # decode steps, short prompts
+                return None
             rows = torch.tensor([n >= DENSE_MIN_TOKENS for n in given.tokens])
         else:
             # No row lengths given (reference forwards, training, decode): a row's width decides

@@ -20,6 +20,7 @@ from idp_core.packed import (
     unsupported_reason,
     weight_bytes,
 )
+from idp_core.paths import default_model_built
 from idp_core.rows import Rows, forward_rows
 
 G = 32
@@ -140,8 +141,8 @@ def test_greedy_output_does_not_depend_on_the_batch():
     others = [GenRequest(ids, config, sel) for ids, sel in zip(
         INPUTS + [[9, 9], [1, 2, 3]], ["none", *bank.names, "concat", *bank.names], strict=False)]
     for t in range(8):  # with batched kernels (batch_invariant=False) one of these differed
-        target = GenRequest([72 + t, 101, 108, 108, 111][: 2 + t % 4], config,
-                            bank.names[t % 3])
+        ids = [72 + t, 101, 108, 108, 111][: 2 + t % 4] if t < 6 else list(range(t, t + 90))
+        target = GenRequest(ids, config, bank.names[t % 3])  # 90 tokens: two key blocks
         alone = engine.generate([target])[0].output_ids
         assert engine.generate(others[:4] + [target] + others[4:8])[4].output_ids == alone
     batch = engine.start(others[:8])  # admitted mid-generation, merged into a running batch
@@ -223,3 +224,59 @@ def test_no_kernel_falls_back_dense_or_is_refused(tmp_path, caplog):
         load_model(out, dtype="float32", weights="packed")
     with pytest.raises(ValueError, match="weights 'packed' asked for.*not quantized"):
         load_model(tmp_path / "m", dtype="float32", weights="packed")
+
+
+@pytest.mark.cuda
+def test_cuda_packed_matches_dense_dequantised():
+    """torch's CUDA int4 kernel (tinygemm) against the dense dequantised weights on the GPU."""
+    packed, dense = packed_pair(torch.bfloat16)
+    for name, module in list(packed.model.named_modules()):
+        if isinstance(module, PackedInt4Linear):  # re-pack on the GPU from the same codes
+            w = dense.model.get_submodule(name).weight.float()
+            codes, scale = quantize_rtn(w, group_size=G)
+            packed.model.set_submodule(name, PackedInt4Linear(codes, scale, None, group_size=G,
+                                                              device="cuda"))
+    packed.model.to("cuda")
+    dense.model.to("cuda")
+    for name, module in packed.model.named_modules():
+        if isinstance(module, PackedInt4Linear):
+            assert module.kernel == "aten._weight_int4pack_mm"
+            torch.testing.assert_close(module.dequantize().float(),
+                                       dense.model.get_submodule(name).weight.float(),
+                                       atol=2e-2, rtol=1e-2)
+    ids = torch.tensor([INPUTS[4]], device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(packed.model(ids).logits.float(),
+                                   dense.model(ids).logits.float(), atol=BF16_ATOL, rtol=0)
+    bank = random_deep_bank(dense)
+    got = build_engine(packed, bank=bank).generate(requests(bank.names))
+    want = build_engine(dense, bank=bank).generate(requests(bank.names))
+    for g, w in zip(got, want, strict=True):
+        assert g.prompt_used == w.prompt_used
+        torch.testing.assert_close(torch.tensor([x.logprob for x in g.prompt_logprobs[1:]]),
+                                   torch.tensor([x.logprob for x in w.prompt_logprobs[1:]]),
+                                   atol=BF16_ATOL, rtol=0)
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(not default_model_built(), reason="the default compressed model is not "
+                    "built here (idp build-default; CI does not build it)")
+def test_default_configuration_is_batch_invariant_on_the_real_model():
+    """The issue's case: "Water boils at", 16 greedy tokens, alone and beside eight others,
+    on the default compressed model as `make serve` loads it (packed, bf16, shipped bank)."""
+    from idp_core.bank import PromptBank
+    from idp_core.paths import DEFAULT_BANK, DEFAULT_MODEL_DIR
+
+    lm = load_model(DEFAULT_MODEL_DIR)
+    assert lm.weights == "packed-int4"
+    engine = build_engine(lm, bank=PromptBank.load(DEFAULT_BANK), check_fingerprint=False)
+    config = GenConfig(max_tokens=16, ignore_eos=True)
+    ask = lambda text: GenRequest(lm.tokenizer(text)["input_ids"], config)  # noqa: E731
+    others = ["The capital of France is", "Once upon a time, in a land far away,",
+              "def fibonacci(n):", "Photosynthesis is the process by which",
+              "In 1492, Columbus", "The best way to learn a language is",
+              "Q: What is 2+2?\nA:", "Dear Sir or Madam, I am writing to"]
+    alone = engine.generate([ask("Water boils at")])[0].output_ids
+    batch = engine.generate([ask(t) for t in others[:4]] + [ask("Water boils at")]
+                            + [ask(t) for t in others[4:]])
+    assert batch[4].output_ids == alone
