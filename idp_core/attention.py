@@ -171,16 +171,18 @@ def exact_decode_attention(
     """Decode attention whose every reduction has a fixed length and order: [B, H, 1, D].
 
     Each row's real keys are gathered to 0..n_b-1 (a canonical layout, whatever padding the
-    batch put around them) in blocks of KEY_BLOCK. Within a block: float32 logits (over D),
-    max, exp and sum over the block, probabilities @ values (over the block); across blocks
-    the running max is exact and the weighted sums are sequential (`cumsum`), so the blocks a
-    longer batch adds after a row's last key contribute exact zeros. Alone or in any batch, a
-    row's result is the same to the bit, at a few batched ops per layer.
+    batch put around them), padded to blocks of KEY_BLOCK. Logits are float32 dot products
+    over D (each its own reduction); within a block: max, exp and sum over the block, and
+    probabilities @ values over the block; across blocks the running max is exact and the
+    weighted sums are sequential (`cumsum`), so the blocks a longer batch adds after a row's
+    last key contribute exact zeros. Alone or in any batch, a row's result is the same to the
+    bit, at a few batched ops per layer.
     """
     batch, heads, _, dim = query.shape
-    kv_heads, blocks = key.shape[1], index.shape[1] // KEY_BLOCK
+    kv_heads, width = key.shape[1], index.shape[1]
+    blocks, groups = width // KEY_BLOCK, heads // kv_heads
 
-    def canonical(x: Tensor) -> Tensor:  # [B, Hkv, S, D] -> [B, Hkv, nb, KEY_BLOCK, D]
+    def canonical(x: Tensor) -> Tensor:  # [B, Hkv, S, D] -> [B, Hkv, S', D] float32
         # The cache is a view of a larger buffer (kv.GrowingLayer): index its D-vectors in
         # place, as rows of that buffer, whole vectors copied per key.
         if x.stride(-1) != 1 or x.stride(2) != dim:
@@ -190,20 +192,19 @@ def exact_decode_attention(
                  + torch.arange(kv_heads, device=x.device)[None, :] * s1)  # [B, Hkv]
         flat = (first[..., None] + index[:, None, :]).flatten()  # [B * Hkv * S']
         buffer = x.as_strided((int(flat.max()) + 1, dim), (dim, 1))
-        rows = buffer.index_select(0, flat).float()
-        return rows.view(batch, kv_heads, blocks, KEY_BLOCK, dim)
+        return buffer.index_select(0, flat).view(batch, kv_heads, width, dim).float()
 
     k, v = canonical(key), canonical(value)
-    q = query.reshape(batch, kv_heads, 1, heads // kv_heads, dim).float()  # [B, Hkv, 1, G, D]
-    logits = (q @ k.transpose(-1, -2)) * scale  # [B, Hkv, nb, G, KEY_BLOCK]
+    q = query.reshape(batch, kv_heads, groups, dim).float()  # [B, Hkv, G, D]
+    logits = (q @ k.transpose(-1, -2)) * scale  # [B, Hkv, G, S']
     # A large finite floor instead of -inf: an all-padding block then gets weight exp(-huge)
     # = 0 below instead of NaN.
-    pad = ~valid.view(batch, 1, blocks, 1, KEY_BLOCK)
-    logits = logits.masked_fill(pad, -1e30)
+    logits = logits.masked_fill(~valid[:, None, None, :], -1e30)
+    logits = logits.view(batch, kv_heads, groups, blocks, KEY_BLOCK).transpose(2, 3)
     peak = logits.amax(dim=-1, keepdim=True)  # [B, Hkv, nb, G, 1]
-    probs = torch.exp(logits - peak)
-    total = probs.sum(dim=-1, keepdim=True)  # [B, Hkv, nb, G, 1]
-    out = probs @ v  # [B, Hkv, nb, G, D]
+    probs = torch.exp(logits - peak)  # [B, Hkv, nb, G, KEY_BLOCK]
+    total = probs.sum(dim=-1, keepdim=True)
+    out = probs @ v.view(batch, kv_heads, blocks, KEY_BLOCK, dim)  # [B, Hkv, nb, G, D]
     weight = torch.exp(peak - peak.amax(dim=2, keepdim=True))  # [B, Hkv, nb, G, 1]
     num = (weight * out).cumsum(dim=2)[:, :, -1]  # [B, Hkv, G, D]
     den = (weight * total).cumsum(dim=2)[:, :, -1]  # [B, Hkv, G, 1]

@@ -23,6 +23,7 @@ from idp_core.packed import (
     packed_dense_state,
     weight_bytes,
 )
+from idp_core.sparse import sparse_2of4_reason, sparsify_2of4
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,9 @@ class LoadedModel:
     kind: str  # "hf" | "gguf" | "compressed-tensors" | "gptq" | "code"
     dequantized: bool  # compressed weights expanded once to dense tensors at load
     fingerprint: Fingerprint
-    weights: str = "dense"  # "packed-int4": linear layers on the int4 kernel (idp_core.packed)
+    # "packed-int4": linear layers on the int4 kernel (idp_core.packed); "sparse-2:4": on the
+    # semi-structured sparse kernel (idp_core.sparse, CUDA)
+    weights: str = "dense"
 
     @property
     def weight_bytes(self) -> int:
@@ -223,6 +226,13 @@ def load_model(
             pack, dequantized = False, True
     model.to(dev, torch_dtype).eval().requires_grad_(False)
     form = "packed-int4" if pack else "dense"
+    if not pack and weights != "dense" and dev.type == "cuda" and kind != "gguf":
+        reason = sparse_2of4_reason(model, dev, torch_dtype)  # a SparseGPT 2:4 checkpoint
+        if reason is None:
+            dense_print = fingerprint(model)
+            sparsify_2of4(model)
+            form = "sparse-2:4"
+            log.info("linear layers on torch's 2:4 semi-structured sparse kernels")
     if pack:
         kernel = next(m for m in model.modules() if isinstance(m, PackedInt4Linear)).kernel
         log.info("%s weights packed as int4 codes on %s (%.1f MB resident)", kind, kernel,

@@ -28,7 +28,12 @@ from idp_core.config import AUTO, CONCAT, NONE, GenConfig
 from idp_core.generate import Engine, GenRequest
 from idp_core.kv import compute_prefix_kv
 from idp_core.lab.bench_render import TABLES, plot
-from idp_core.lab.bench_weights import run_weights, weights_table
+from idp_core.lab.bench_weights import (
+    run_weights,
+    run_weights_ppl,
+    weights_ppl_table,
+    weights_table,
+)
 from idp_core.lab.data import load_wikitext2
 from idp_core.lab.provenance import machine
 from idp_core.lab.servers import ServerProcess
@@ -407,7 +412,7 @@ def environment(lm: LoadedModel) -> dict[str, Any]:
 
 RUNNERS = {"latency": run_latency, "selection": run_selection, "prefix": run_prefix,
            "served": run_served, "memory": run_memory, "profile": run_profile,
-           "weights": run_weights}
+           "weights": run_weights, "weights-ppl": run_weights_ppl}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -431,6 +436,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--bank-sizes", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--max-windows", type=int, default=32,
+                        help="weights-ppl: WikiText-2 windows of --seq-len tokens")
     parser.add_argument("--rule", default="attention",
                         choices=["attention", "centroid", "linear"],
                         help="selection rule timed by `selection`")
@@ -456,9 +463,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.which}.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = {**TABLES, "weights": weights_table}[args.which](result)
+    text = {**TABLES, "weights": weights_table, "weights-ppl": weights_ppl_table}[args.which](
+        result)
     (out / f"{args.which}.md").write_text(text + "\n")
-    if args.which != "weights":  # a table of two forms: no plot
+    if not args.which.startswith("weights"):  # tables of two forms: no plot
         plot(args.which, result, out / f"{args.which}.png")
     print(text)
     print(f"\nwrote {out}/{args.which}.json, .md and .png")

@@ -161,3 +161,96 @@ def weights_table(result: dict[str, Any]) -> str:
     lines += ["", "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in result["ratios"].items()]
     return "\n".join(lines)
+
+
+# ---- accuracy: `idp bench weights-ppl` -----------------------------------------------------
+def window_nlls(engine: Engine, ids: torch.Tensor, selection: str, *, seq_len: int,
+                max_windows: int) -> list[float]:
+    """Mean NLL per scored token of each WikiText-2 window, through the serving engine."""
+    from idp_core.lab.evaluate import SCORE_ONLY, windows
+
+    out = []
+    wins = windows(ids, seq_len=seq_len, max_windows=max_windows).tolist()
+    for start in range(0, len(wins), 8):
+        reqs = [GenRequest(w, SCORE_ONLY, selection) for w in wins[start : start + 8]]
+        for res in engine.generate(reqs):
+            scored = [lp.logprob for lp in res.prompt_logprobs[1:]]
+            out.append(-sum(scored) / len(scored))
+    return out
+
+
+def run_weights_ppl(lm: LoadedModel, bank: PromptBank,
+                    args: argparse.Namespace) -> dict[str, Any]:
+    """WikiText-2 perplexity (max_windows x seq_len) packed vs dense, with no prompt and with
+    the bank's first prompt, and the prompt's share of the gap to the original (GGUF) in
+    each form, with paired bootstrap CIs over windows."""
+    import math
+
+    from idp_core.lab.curve import bootstrap
+    from idp_core.lab.data import load_wikitext2
+
+    if lm.weights != "packed-int4":
+        raise SystemExit(f"idp bench weights-ppl: the model loaded {lm.weights!r}, not packed")
+    ids = load_wikitext2(lm.tokenizer)
+    prompt = bank.names[0]
+    nll = {}
+    original = build_engine(load_model(None, dtype=args.dtype, device=args.device))
+    nll["original"] = window_nlls(original, ids, "none", seq_len=args.seq_len,
+                                  max_windows=args.max_windows)
+    del original
+    for form in ("packed", "dense"):
+        m = lm if form == "packed" else load_model(lm.source, dtype=args.dtype,
+                                                   device=args.device, weights="dense")
+        engine = build_engine(m, bank=bank, check_fingerprint=False)
+        for sel in ("none", prompt):
+            key = f"{form}:{'prompt' if sel == prompt else 'none'}"
+            nll[key] = window_nlls(engine, ids, sel, seq_len=args.seq_len,
+                                   max_windows=args.max_windows)
+            log.info("%s: perplexity %.3f", key, math.exp(statistics.fmean(nll[key])))
+    ppl = {k: math.exp(statistics.fmean(v)) for k, v in nll.items()}
+    shares = {form: bootstrap(nll[f"{form}:none"], nll[f"{form}:prompt"], nll["original"],
+                              perplexity=True) for form in ("packed", "dense")}
+    return {"prompt": prompt, "seq_len": args.seq_len, "windows": len(nll["original"]),
+            "perplexity": ppl,
+            "packed_over_dense": {s: ppl[f"packed:{s}"] / ppl[f"dense:{s}"]
+                                  for s in ("none", "prompt")},
+            "prompt_share_of_ppl_gap": {f: list(v) for f, v in shares.items()},
+            "share_packed_minus_dense": share_difference(nll),
+            "window_nll": nll}
+
+
+def share_difference(nll: dict[str, list[float]], *, num: int = 1000,
+                     seed: int = 0) -> list[float]:
+    """(estimate, 2.5 %, 97.5 %) of the prompt's gap share packed minus dense, each form
+    against its own no-prompt base, the same windows resampled for both (paired)."""
+    from idp_core.lab.curve import share
+
+    def diff(r: list[int]) -> float:
+        pick = {k: [v[i] for i in r] for k, v in nll.items()}
+        return (share(pick["packed:none"], pick["packed:prompt"], pick["original"],
+                      perplexity=True)
+                - share(pick["dense:none"], pick["dense:prompt"], pick["original"],
+                        perplexity=True))
+
+    n = len(nll["original"])
+    g = torch.Generator().manual_seed(seed)
+    draws = sorted(diff(r) for r in torch.randint(0, n, (num, n), generator=g).tolist())
+    return [diff(list(range(n))), draws[int(0.025 * num)], draws[int(0.975 * num) - 1]]
+
+
+def weights_ppl_table(result: dict[str, Any]) -> str:
+    p, s = result["perplexity"], result["prompt_share_of_ppl_gap"]
+    lines = [f"WikiText-2, {result['windows']} x {result['seq_len']} tokens; prompt "
+             f"`{result['prompt']}`; original (GGUF) {p['original']:.3f}", "",
+             "| weights | no prompt | prompt | prompt's share of the gap [95 % CI] |",
+             "|---|---|---|---|"]
+    for f in ("packed", "dense"):
+        lo, hi = s[f][1], s[f][2]
+        lines.append(f"| {f} | {p[f + ':none']:.3f} | {p[f + ':prompt']:.3f} | "
+                     f"{100 * s[f][0]:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}] |")
+    d = result["share_packed_minus_dense"]
+    r = result["packed_over_dense"]
+    lines += ["", f"packed / dense perplexity: no prompt {r['none']:.4f}, prompt "
+              f"{r['prompt']:.4f}; share packed - dense {100 * d[0]:+.1f} points "
+              f"[{100 * d[1]:+.1f}, {100 * d[2]:+.1f}] (paired, same windows)"]
+    return "\n".join(lines)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from idp_core.config import GenConfig, SelectConfig
 from idp_core.generate import Engine, GenRequest
 
-_SCORE_ONLY = GenConfig(max_tokens=0, echo=True, logprobs=0)
+SCORE_ONLY = GenConfig(max_tokens=0, echo=True, logprobs=0)
 
 
 def windows(token_ids: Tensor, *, seq_len: int, max_windows: int | None = None) -> Tensor:
@@ -57,7 +57,7 @@ def window_nll(
     bar = tqdm(total=len(wins), desc=f"perplexity [{selection}]", unit="win", disable=not progress)
     for start in range(0, len(wins), batch_size):
         chunk = wins[start : start + batch_size].tolist()
-        requests = [GenRequest(w, _SCORE_ONLY, selection) for w in chunk]
+        requests = [GenRequest(w, SCORE_ONLY, selection) for w in chunk]
         for res in engine.generate(requests):
             scored = [lp.logprob for lp in (res.prompt_logprobs or [])[1:] if lp is not None]
             total -= math.fsum(scored)

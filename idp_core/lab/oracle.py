@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
-from idp_core.config import AUTO, NONE, GenConfig, SelectConfig
+from idp_core.config import AUTO, NONE, SelectConfig
 from idp_core.generate import Engine, GenRequest
+from idp_core.lab.evaluate import SCORE_ONLY
 from idp_core.select import select_prompts
 
 log = logging.getLogger(__name__)
 
-_SCORE_ONLY = GenConfig(max_tokens=0, echo=True, logprobs=0)
 
 # windows [[ids]], selection -> (mean NLL of tokens 1.. per window, prompt used per window)
 Scorer = Callable[[list[list[int]], str], tuple[list[float], list[str | None]]]
@@ -40,7 +40,7 @@ def engine_scorer(engine: Engine, *, batch_size: int = 8) -> Scorer:
     def score(windows: list[list[int]], selection: str) -> tuple[list[float], list[str | None]]:
         nll, used = [], []
         for i in range(0, len(windows), batch_size):
-            batch = [GenRequest(w, _SCORE_ONLY, selection) for w in windows[i:i + batch_size]]
+            batch = [GenRequest(w, SCORE_ONLY, selection) for w in windows[i:i + batch_size]]
             for res in engine.generate(batch):
                 lps = [lp.logprob for lp in (res.prompt_logprobs or [])[1:] if lp is not None]
                 nll.append(-math.fsum(lps) / len(lps))

@@ -280,3 +280,28 @@ def test_default_configuration_is_batch_invariant_on_the_real_model():
     batch = engine.generate([ask(t) for t in others[:4]] + [ask("Water boils at")]
                             + [ask(t) for t in others[4:]])
     assert batch[4].output_ids == alone
+
+
+@pytest.mark.cuda
+def test_cuda_2of4_sparse_checkpoint_runs_semi_structured(tmp_path):
+    """A 2:4-pruned checkpoint loads onto torch's semi-structured sparse kernel on CUDA."""
+    from idp_core.sparse import is_2of4
+
+    lm = tiny_llama(seed=3, hidden=128, heads=4, kv_heads=2)
+    with torch.no_grad():
+        for name, module in lm.model.named_modules():
+            if name.rsplit(".", 1)[-1] in LINEARS:  # keep the larger two of every four
+                w = module.weight.view(module.weight.shape[0], -1, 4)
+                drop = w.abs().argsort(dim=-1)[..., :2]
+                w.scatter_(-1, drop, 0.0)
+                assert is_2of4(module.weight)
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    sparse = load_model(tmp_path, dtype="bfloat16", device="cuda")
+    dense = load_model(tmp_path, dtype="bfloat16", device="cuda", weights="dense")
+    assert sparse.weights == "sparse-2:4" and dense.weights == "dense"
+    assert sparse.fingerprint == dense.fingerprint
+    ids = torch.tensor([INPUTS[4]], device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(sparse.model(ids).logits.float(),
+                                   dense.model(ids).logits.float(), atol=BF16_ATOL, rtol=0)
