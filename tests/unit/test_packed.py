@@ -173,17 +173,18 @@ def test_lora_runs_unmerged_over_packed_layers():
                                atol=FP32_ATOL, rtol=0)
 
 
-@pytest.fixture(scope="module")
-def compressed(tmp_path_factory):
-    """GPTQ W4 g32 of a tiny model whose layer shapes the kernel takes, by `idp compress`."""
+@pytest.fixture(scope="module", params=[4, 3], ids=["w4", "w3"])
+def compressed(request, tmp_path_factory):
+    """GPTQ W4 / W3 g32 of a tiny model whose layer shapes the kernel takes (`idp compress`);
+    3-bit codes run in the same int4 container."""
     from idp_core.lab.compress import CompressConfig, compress
 
     lm = tiny_llama(seed=3, hidden=128, heads=4, kv_heads=2)
     folder = tmp_path_factory.mktemp("tiny128")
     lm.model.save_pretrained(folder)
     lm.tokenizer.save_pretrained(folder)
-    config = CompressConfig(method="gptq", bits=4, group_size=G, num_samples=4, seq_len=64,
-                            eval_windows=0)
+    config = CompressConfig(method="gptq", bits=request.param, group_size=G, num_samples=4,
+                            seq_len=64, eval_windows=0)
     return compress(folder, tmp_path_factory.mktemp("gptq") / "q", config)
 
 
