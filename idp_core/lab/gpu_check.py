@@ -67,13 +67,14 @@ def models(device: str) -> tuple[LoadedModel, LoadedModel, str]:
 
 
 def timed(fn: Any, repeats: int) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn()
-    torch.cuda.synchronize()
+    sync()
     out = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         out.append(time.perf_counter() - t0)
     return statistics.median(out)
 
@@ -92,17 +93,17 @@ def deep_bank(lm: LoadedModel) -> PromptBank:
                       kind="deep")
 
 
-def check(out_dir: Path, repeats: int) -> dict[str, Any]:
+def check(out_dir: Path, repeats: int, device: str = "cuda") -> dict[str, Any]:
     from peft import LoraConfig
 
-    packed, dense, what = models("cuda")
+    packed, dense, what = models(device)
     vocab = int(packed.model.config.vocab_size)
     record: dict[str, Any] = {"env": machine(), "model": what,
                               "weight_bytes": {"packed": weight_bytes(packed.model),
                                                "dense": weight_bytes(dense.model)},
                               "kernel": next(m.kernel for m in packed.model.modules()
                                              if isinstance(m, PackedInt4Linear))}
-    ids = torch.tensor(rows(4, 64, vocab), device="cuda")
+    ids = torch.tensor(rows(4, 64, vocab), device=device)
     with torch.no_grad():
         a, b = packed.model(ids).logits.float(), dense.model(ids).logits.float()
     record["logits_max_abs_diff"] = float((a - b).abs().max())
@@ -151,10 +152,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="folder for gpu-check.json")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run of this script")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu-check: torch sees no CUDA GPU here")
-    print(json.dumps(check(args.out, args.repeats)["ratios"], indent=2))
+    print(json.dumps(check(args.out, args.repeats, args.device)["ratios"], indent=2))
     return 0
 
 
