@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from idp_core.gptq import gptq_reason, load_gptq_packed
 from idp_core.packed import (
     PackedInt4Linear,
     compressed_dense_state,
@@ -171,7 +172,7 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    dequantized, pack = False, False
+    dequantized, pack, gptq_packed = False, False, False
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"model file must be a .gguf file or a checkpoint folder: {path}")
@@ -205,13 +206,21 @@ def load_model(
             dequantized = not pack
         elif method == "gptq":
             kind = "gptq"
-            _no_kernel(weights, "GPTQ-format checkpoints load through transformers' integration")
+            reason = gptq_reason(json.loads((folder / "config.json").read_text())
+                                 ["quantization_config"])
+            gptq_packed = weights != "dense" and reason is None
+            if not gptq_packed and weights != "dense":  # transformers' GPTQ integration
+                _no_kernel(weights, reason or "")
         else:
             raise ValueError(f"unsupported quantization method {method!r} in {folder}")
 
     name = DEFAULT_MODEL_NAME if source is None else path.stem if path.is_file() else path.name
     log.info("loading %s model %s (%s) on %s", kind, name, dtype, dev)
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if gptq_packed:  # read into packed layers without the GPTQ libraries
+        model = load_gptq_packed(folder, dtype=torch_dtype, device=dev,
+                                 attn_implementation=attn_implementation)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=kwargs.get("gguf_file"))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -225,6 +234,7 @@ def load_model(
             model.hf_quantizer.compressor.decompress_model(model=model)
             pack, dequantized = False, True
     model.to(dev, torch_dtype).eval().requires_grad_(False)
+    pack = pack or gptq_packed
     form = "packed-int4" if pack else "dense"
     if not pack and weights != "dense" and dev.type == "cuda" and kind != "gguf":
         reason = sparse_2of4_reason(model, dev, torch_dtype)  # a SparseGPT 2:4 checkpoint

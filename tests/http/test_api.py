@@ -27,7 +27,9 @@ def test_health_models_prompts(server):
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     models = httpx.get(server.url + "/v1/models").json()
     assert models["data"][0]["id"] == "tiny" and models["data"][0]["mode"] == "idp"
-    assert models["data"][0]["loaded"]["kind"] == "hf"
+    loaded = models["data"][0]["loaded"]
+    assert loaded["kind"] == "hf" and loaded["weights"] == "dense"  # a dense checkpoint
+    assert loaded["weight_bytes"] > 0 and not loaded["dequantized"]
     bank = httpx.get(server.url + "/v1/prompts").json()["data"]
     assert [(p["name"], p["length"]) for p in bank] == [("p0", 3), ("p1", 7), ("p2", 5)]
 

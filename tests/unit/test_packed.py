@@ -3,6 +3,7 @@ the layer, a tiny random model quantised here (every engine path), a compressed-
 checkpoint made by `idp compress`, LoRA over packed layers, and batch invariance."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -306,3 +307,57 @@ def test_cuda_2of4_sparse_checkpoint_runs_semi_structured(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(sparse.model(ids).logits.float(),
                                    dense.model(ids).logits.float(), atol=BF16_ATOL, rtol=0)
+
+
+def write_gptq(model, folder, *, act_order: bool) -> dict[str, torch.Tensor]:
+    """Save `model` as a GPTQ-format (v1) W4 g32 checkpoint, the layout GPTQModel and AutoGPTQ
+    write: qweight [K/8, N], qzeros [K/G, N/8] holding zero - 1, scales [K/G, N], g_idx [K].
+    Returns the dense weights it stands for."""
+    from safetensors.torch import save_file
+
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    state, dense = {}, {}
+    g = torch.Generator().manual_seed(0)
+    for name, t in model.state_dict().items():
+        prefix = name.removesuffix(".weight")
+        if name.endswith(".weight") and prefix.rsplit(".", 1)[-1] in LINEARS:
+            n, k = t.shape
+            g_idx = torch.arange(k) // G
+            if act_order:
+                g_idx = g_idx[torch.randperm(k, generator=g)]
+            scale = torch.rand(k // G, n, generator=g) * 0.02 + 0.01  # [K/G, N]
+            zero = torch.randint(5, 11, (k // G, n), generator=g)  # asymmetric zero points
+            q = torch.randint(0, 16, (k, n), generator=g, dtype=torch.int32)  # [K, N]
+            state[prefix + ".qweight"] = (q.view(k // 8, 8, n) << shifts[None, :, None]).sum(1,
+                                                                               dtype=torch.int32)
+            z = (zero - 1).to(torch.int32).view(k // G, n // 8, 8)
+            state[prefix + ".qzeros"] = (z << shifts).sum(-1, dtype=torch.int32)
+            state[prefix + ".scales"] = scale.half()
+            state[prefix + ".g_idx"] = g_idx.to(torch.int32)
+            dense[name] = (scale.half().float()[g_idx] * (q - zero[g_idx])).t()  # [N, K]
+        else:
+            state[name] = t.contiguous()
+    save_file(state, str(folder / "model.safetensors"))
+    config = model.config.to_dict()
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": G,
+                                     "desc_act": act_order, "sym": False,
+                                     "checkpoint_format": "gptq"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return dense
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["static", "act-order"])
+def test_gptq_format_checkpoint_loads_packed(tmp_path, act_order):
+    lm = tiny_llama(seed=4, hidden=128, heads=4, kv_heads=2)
+    dense_weights = write_gptq(lm.model, tmp_path, act_order=act_order)
+    lm.tokenizer.save_pretrained(tmp_path)
+    packed = load_model(tmp_path, dtype="float32")
+    assert packed.kind == "gptq" and packed.weights == "packed-int4"
+    reference = copy.deepcopy(lm.model)
+    reference.load_state_dict(dense_weights, strict=False)
+    for name, w in dense_weights.items():
+        layer = packed.model.get_submodule(name.removesuffix(".weight"))
+        torch.testing.assert_close(layer.dequantize(), w, atol=1e-6, rtol=0)
+    ids = torch.tensor([INPUTS[4]])
+    torch.testing.assert_close(packed.model(ids).logits, reference(ids).logits,
+                               atol=FP32_ATOL, rtol=0)
