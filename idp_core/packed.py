@@ -76,12 +76,14 @@ class PackedInt4Linear(nn.Module):
                              f"{reason}")
         if codes.min() < 0 or codes.max() > 15:
             raise ValueError("codes must lie in 0..15")
-        zero = torch.zeros_like(scale) if zero is None else zero
+        # Plain tensors, no autograd history (checkpoint scales arrive as Parameters).
+        scale = scale.detach()
+        zero = torch.zeros_like(scale) if zero is None else zero.detach()
         sz = torch.stack([scale.t(), zero.t()], dim=-1)  # [K/G, N, 2]
         self.register_buffer("scales_zeros", sz.to(device, dtype).contiguous())
         self.register_buffer("packed", _pack(codes.to(device), device))
         self.register_buffer("perm", None if perm is None else perm.to(device, torch.long))
-        self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(device, dtype))
 
     @property
     def qweight(self) -> Tensor:
