@@ -11,9 +11,12 @@ attention is split, as cascade / flash-decoding kernels do: the input's queries 
 and the two partial outputs are merged by their log-sum-exps. The engine asks for it by
 passing a *prefix mask* [B, 1, 1, W] (W = key length - query length) as `attention_mask`;
 transformers hands 4-D masks to the attention function untouched. Decode steps (one query per
-row) run as batched matmuls on CPU, where the fused kernel is slow for that shape. Everything
-else goes to transformers' own SDPA function, so a model switched to this implementation
-computes what it did before (training, reference forwards).
+row) run as batched matmuls on CPU, where the fused kernel is slow for that shape. When the
+engine asks for batch invariance (`idp_core.rows`, the default), the prefill runs this row by
+row on each row's own keys and a decode step reduces each row's keys in a canonical layout
+(`exact_prefix_attention`, `exact_decode_attention`). Everything else goes to transformers'
+own SDPA function, so a model switched to this implementation computes what it did before
+(training, reference forwards).
 """
 
 from __future__ import annotations

@@ -131,9 +131,13 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _quant_method(folder: Path) -> str | None:
+def _quant_config(folder: Path) -> dict[str, Any] | None:
     config = json.loads((folder / "config.json").read_text())
-    qc = config.get("quantization_config") or config.get("compression_config")
+    return config.get("quantization_config") or config.get("compression_config")
+
+
+def _quant_method(folder: Path) -> str | None:
+    qc = _quant_config(folder)
     return None if qc is None else str(qc.get("quant_method", "unknown"))
 
 
@@ -191,8 +195,7 @@ def load_model(
             from transformers import CompressedTensorsConfig
 
             kind = "compressed-tensors"
-            reason = compressed_tensors_reason(
-                json.loads((folder / "config.json").read_text())["quantization_config"])
+            reason = compressed_tensors_reason(_quant_config(folder) or {})
             if reason is None and dev.type == "cpu" and torch_dtype == torch.float16:
                 reason = "the CPU int4 kernel runs bfloat16 or float32, not float16"
             pack = weights != "dense" and reason is None
@@ -206,8 +209,7 @@ def load_model(
             dequantized = not pack
         elif method == "gptq":
             kind = "gptq"
-            reason = gptq_reason(json.loads((folder / "config.json").read_text())
-                                 ["quantization_config"])
+            reason = gptq_reason(_quant_config(folder) or {})
             gptq_packed = weights != "dense" and reason is None
             if not gptq_packed and weights != "dense":  # transformers' GPTQ integration
                 _no_kernel(weights, reason or "")

@@ -140,7 +140,8 @@ class PackedInt4Linear(nn.Module):
                                                   self.scales_zeros)
 
     def _scratch_weight(self) -> Tensor:
-        """The dequantised weight [N, K] in a buffer shared by every layer of this shape."""
+        """The dequantised weight [N, K] in a buffer shared by every layer of this shape (the
+        engine runs one forward at a time, on its one worker thread)."""
         key = (self.out_features, self.in_features, self.scales_zeros.dtype)
         buf = _scratch.get(key)
         if buf is None:
@@ -152,12 +153,9 @@ class PackedInt4Linear(nn.Module):
         """W [N, K] in the activation dtype, columns in the layer's input order."""
         n, k, g = self.out_features, self.in_features, self.group_size
         dtype = self.scales_zeros.dtype
-        if out is None or self.perm is not None:
-            out = torch.empty(n, k, dtype=dtype, device=self.packed.device) if out is None \
-                else out
-            w = torch.empty_like(out) if self.perm is not None else out
-        else:
-            w = out
+        if out is None:
+            out = torch.empty(n, k, dtype=dtype, device=self.packed.device)
+        w = out if self.perm is None else torch.empty_like(out)  # grouped column order
         if self.packed.device.type == "cpu":
             bn = _cpu_block_n()
             p = self.packed.view(n // bn, k, bn // 2)

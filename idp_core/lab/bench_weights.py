@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -83,31 +84,31 @@ def run_weights(lm: LoadedModel, bank: PromptBank, args: argparse.Namespace) -> 
     records: list[dict[str, Any]] = []
     for batch in (1, 16):
         rows = _rows(lm, batch, 128)
-        rates: dict[str, list[float]] = {k: [] for k in engines}
-        for rep in range(args.warmup + args.repeats):
-            for name, engine in engines.items():
-                _, rate = decode_run(engine, rows, 128)
-                if rep >= args.warmup:
-                    rates[name].append(rate)
-                log.info("decode B=%d %s rep %d: %.1f tok/s", batch, name, rep, rate)
-        for name, xs in rates.items():
-            records.append({"task": "decode", "batch": batch, "prompt": 128, "new_tokens": 128,
-                            "variant": name, "tokens_per_s": statistics.median(xs),
-                            "all": xs})
+        rates = interleaved(engines, lambda e, rows=rows: decode_run(e, rows, 128)[1], args,
+                            f"decode B={batch}")
+        records += [{"task": "decode", "batch": batch, "prompt": 128, "new_tokens": 128,
+                     "variant": name, "tokens_per_s": statistics.median(xs), "all": xs}
+                    for name, xs in rates.items()]
     rows = _rows(lm, 16, 512)
-    prefill: dict[str, list[float]] = {k: [] for k in engines}
-    for rep in range(args.warmup + args.repeats):
-        for name, engine in engines.items():
-            seconds, _ = decode_run(engine, rows, 1)
-            if rep >= args.warmup:
-                prefill[name].append(seconds)
-            log.info("prefill 16x512 %s rep %d: %.2f s", name, rep, seconds)
-    for name, xs in prefill.items():
-        records.append({"task": "prefill", "batch": 16, "prompt": 512, "variant": name,
-                        "seconds": statistics.median(xs), "all": xs})
+    seconds = interleaved(engines, lambda e: decode_run(e, rows, 1)[0], args, "prefill 16x512")
+    records += [{"task": "prefill", "batch": 16, "prompt": 512, "variant": name,
+                 "seconds": statistics.median(xs), "all": xs} for name, xs in seconds.items()]
     rss = {form: _rss_in_fresh_process(lm.source, form, args) for form in forms}
     return {"bytes": {form: layer_bytes(m) for form, m in forms.items()}, "rss_mb": rss,
             "records": records, "ratios": ratios(records)}
+
+
+def interleaved(engines: dict[str, Engine], measure: Callable[[Engine], float],
+                args: argparse.Namespace, what: str) -> dict[str, list[float]]:
+    """`measure` of every engine, A B C D A B C D ..., warm-up repeats dropped."""
+    out: dict[str, list[float]] = {name: [] for name in engines}
+    for rep in range(args.warmup + args.repeats):
+        for name, engine in engines.items():
+            value = measure(engine)
+            if rep >= args.warmup:
+                out[name].append(value)
+            log.info("%s %s rep %d: %.3f", what, name, rep, value)
+    return out
 
 
 def ratios(records: list[dict[str, Any]]) -> dict[str, float]:

@@ -69,6 +69,19 @@ def test_each_row_takes_the_kernel_of_its_own_length():
         assert torch.equal(mixed[1], layer(x[1:2])[0])  # short row alone: kernel
 
 
+@pytest.mark.parametrize("n,k", [(1536, 576), (576, 1536)])  # the default model's MLP shapes
+def test_int4_kernel_computes_each_row_independently_of_the_batch(n, k):
+    """What batch invariance rests on: a row's output bits do not depend on M."""
+    torch.manual_seed(2)
+    codes, scale = quantize_rtn(torch.randn(n, k), group_size=64)
+    layer = PackedInt4Linear(codes, scale, None, group_size=64)
+    x = torch.randn(300, k, dtype=torch.bfloat16)
+    full = layer._int4(x)
+    for m in (1, 2, 3, 7, 16, 63, 100, 299):
+        assert torch.equal(layer._int4(x[:m]), full[:m]), m
+        assert torch.equal(layer._int4(x[m : m + 1]), full[m : m + 1]), m
+
+
 def test_shapes_no_kernel_takes_are_refused():
     assert "group size 16" in unsupported_reason(128, 64, 16, 4, torch.device("cpu"))
     assert "5-bit" in unsupported_reason(128, 64, 32, 5, torch.device("cpu"))
