@@ -466,8 +466,9 @@ def run(args: argparse.Namespace) -> int:
     text = {**TABLES, "weights": weights_table, "weights-ppl": weights_ppl_table}[args.which](
         result)
     (out / f"{args.which}.md").write_text(text + "\n")
-    if not args.which.startswith("weights"):  # tables of two forms: no plot
+    plotted = not args.which.startswith("weights")  # tables of two forms: no plot
+    if plotted:
         plot(args.which, result, out / f"{args.which}.png")
     print(text)
-    print(f"\nwrote {out}/{args.which}.json, .md and .png")
+    print(f"\nwrote {out}/{args.which}.json, .md{' and .png' if plotted else ''}")
     return 0
