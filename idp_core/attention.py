@@ -185,16 +185,18 @@ def exact_decode_attention(
     kv_heads, width = key.shape[1], index.shape[1]
     blocks, groups = width // KEY_BLOCK, heads // kv_heads
 
+    # The cache is a view of a larger buffer (kv.GrowingLayer, keys and values alike): index
+    # its D-vectors in place, as rows of that buffer, whole vectors copied per key.
+    if key.stride() != value.stride() or key.stride(-1) != 1 or key.stride(2) != dim:
+        key, value = key.contiguous(), value.contiguous()
+    s0, s1 = key.stride(0) // dim, key.stride(1) // dim
+    first = (torch.arange(batch, device=key.device)[:, None] * s0
+             + torch.arange(kv_heads, device=key.device)[None, :] * s1)  # [B, Hkv]
+    flat = (first[..., None] + index[:, None, :]).flatten()  # [B * Hkv * S']
+    rows = (batch - 1) * s0 + (kv_heads - 1) * s1 + key.shape[2]  # rows the view spans
+
     def canonical(x: Tensor) -> Tensor:  # [B, Hkv, S, D] -> [B, Hkv, S', D] float32
-        # The cache is a view of a larger buffer (kv.GrowingLayer): index its D-vectors in
-        # place, as rows of that buffer, whole vectors copied per key.
-        if x.stride(-1) != 1 or x.stride(2) != dim:
-            x = x.contiguous()
-        s0, s1 = x.stride(0) // dim, x.stride(1) // dim
-        first = (torch.arange(batch, device=x.device)[:, None] * s0
-                 + torch.arange(kv_heads, device=x.device)[None, :] * s1)  # [B, Hkv]
-        flat = (first[..., None] + index[:, None, :]).flatten()  # [B * Hkv * S']
-        buffer = x.as_strided((int(flat.max()) + 1, dim), (dim, 1))
+        buffer = x.as_strided((rows, dim), (dim, 1))
         return buffer.index_select(0, flat).view(batch, kv_heads, width, dim).float()
 
     k, v = canonical(key), canonical(value)

@@ -325,11 +325,10 @@ def pack_compressed_model(model: nn.Module, *, dtype: torch.dtype,
 def packed_dense_state(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """The state dict of a model with PackedInt4Linear layers as if they were dense Linears
     (their dequantised weights), in key order (fingerprints of models packed in code)."""
-    packed = {f"{n}.": m for n, m in model.named_modules() if isinstance(m, PackedInt4Linear)}
-    state = {k: v for k, v in model.state_dict().items()
-             if not any(k == p + b for p in packed for b in ("packed", "scales_zeros", "perm"))}
-    for p, m in packed.items():
-        state[p + "weight"] = m  # resolved lazily below
-    for key in sorted(state):
-        value = state[key]
-        yield key, value.dequantize() if isinstance(value, PackedInt4Linear) else value
+    packed = {f"{n}.weight": m for n, m in model.named_modules()
+              if isinstance(m, PackedInt4Linear)}
+    own = {f"{w.removesuffix('weight')}{b}" for w in packed for b in ("packed", "scales_zeros",
+                                                                       "perm")}
+    state = {k: v for k, v in model.state_dict().items() if k not in own}
+    for key in sorted([*state, *packed]):
+        yield key, packed[key].dequantize() if key in packed else state[key]

@@ -165,21 +165,6 @@ def weights_table(result: dict[str, Any]) -> str:
 
 
 # ---- accuracy: `idp bench weights-ppl` -----------------------------------------------------
-def window_nlls(engine: Engine, ids: torch.Tensor, selection: str, *, seq_len: int,
-                max_windows: int) -> list[float]:
-    """Mean NLL per scored token of each WikiText-2 window, through the serving engine."""
-    from idp_core.lab.evaluate import SCORE_ONLY, windows
-
-    out = []
-    wins = windows(ids, seq_len=seq_len, max_windows=max_windows).tolist()
-    for start in range(0, len(wins), 8):
-        reqs = [GenRequest(w, SCORE_ONLY, selection) for w in wins[start : start + 8]]
-        for res in engine.generate(reqs):
-            scored = [lp.logprob for lp in res.prompt_logprobs[1:]]
-            out.append(-sum(scored) / len(scored))
-    return out
-
-
 def run_weights_ppl(lm: LoadedModel, bank: PromptBank,
                     args: argparse.Namespace) -> dict[str, Any]:
     """WikiText-2 perplexity (max_windows x seq_len) packed vs dense, with no prompt and with
@@ -189,15 +174,17 @@ def run_weights_ppl(lm: LoadedModel, bank: PromptBank,
 
     from idp_core.lab.curve import bootstrap
     from idp_core.lab.data import load_wikitext2
+    from idp_core.lab.evaluate import windows
+    from idp_core.lab.oracle import engine_scorer
 
     if lm.weights != "packed-int4":
         raise SystemExit(f"idp bench weights-ppl: the model loaded {lm.weights!r}, not packed")
-    ids = load_wikitext2(lm.tokenizer)
+    wins = windows(load_wikitext2(lm.tokenizer), seq_len=args.seq_len,
+                   max_windows=args.max_windows).tolist()
     prompt = bank.names[0]
     nll = {}
     original = build_engine(load_model(None, dtype=args.dtype, device=args.device))
-    nll["original"] = window_nlls(original, ids, "none", seq_len=args.seq_len,
-                                  max_windows=args.max_windows)
+    nll["original"] = engine_scorer(original)(wins, "none")[0]
     del original
     for form in ("packed", "dense"):
         m = lm if form == "packed" else load_model(lm.source, dtype=args.dtype,
@@ -205,8 +192,7 @@ def run_weights_ppl(lm: LoadedModel, bank: PromptBank,
         engine = build_engine(m, bank=bank, check_fingerprint=False)
         for sel in ("none", prompt):
             key = f"{form}:{'prompt' if sel == prompt else 'none'}"
-            nll[key] = window_nlls(engine, ids, sel, seq_len=args.seq_len,
-                                   max_windows=args.max_windows)
+            nll[key] = engine_scorer(engine)(wins, sel)[0]
             log.info("%s: perplexity %.3f", key, math.exp(statistics.fmean(nll[key])))
     ppl = {k: math.exp(statistics.fmean(v)) for k, v in nll.items()}
     shares = {form: bootstrap(nll[f"{form}:none"], nll[f"{form}:prompt"], nll["original"],

@@ -29,11 +29,10 @@ from idp_core.config import GenConfig
 from idp_core.generate import GenRequest
 from idp_core.kv import kv_layout
 from idp_core.lab.provenance import machine
+from idp_core.lab.train import LORA_TARGETS as LINEARS
 from idp_core.model import LoadedModel, load_model, wrap_model
 from idp_core.packed import PackedInt4Linear, quantize_rtn, weight_bytes
 from idp_core.paths import DEFAULT_MODEL_DIR, default_model_built
-
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def models(device: str) -> tuple[LoadedModel, LoadedModel, str]:
